@@ -1,0 +1,3 @@
+from ai_worker.cli import main
+
+main()

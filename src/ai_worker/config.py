@@ -1,0 +1,147 @@
+"""Settings from the environment.
+
+Every variable is documented in the README configuration table; keep both in step.
+Names follow the worker we replace (SERVICE_*, MONGODB_*, KAFKA_*, ...) plus the ones we add.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from functools import cached_property
+from typing import Literal
+
+from pydantic import AliasChoices, Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+OPENROUTER_BASE_URL = "https://openrouter.ai/api/v1"
+
+# The LLM steps whose model can be overridden one by one (LLM_MODEL_OVERRIDES).
+LLM_STEPS = (
+    "world_description",
+    "character_batch",
+    "post_batch",
+    "post",
+)
+
+
+class ConfigError(Exception):
+    """Missing or invalid configuration; the message names the variable."""
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="", case_sensitive=False, extra="ignore")
+
+    # --- service -------------------------------------------------------------------------------
+    service_name: str = Field("ai-worker", alias="SERVICE_NAME")
+    service_host: str = Field("0.0.0.0", alias="SERVICE_HOST")
+    service_port: int = Field(8081, alias="SERVICE_PORT", ge=0, le=65535)
+    worker_id: str = Field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}", alias="WORKER_ID")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", alias="LOG_LEVEL")
+
+    # --- MongoDB -------------------------------------------------------------------------------
+    mongodb_uri: str = Field(alias="MONGODB_URI")
+    mongodb_database: str = Field("generia_ai_worker", alias="MONGODB_DATABASE")
+
+    # --- Kafka ---------------------------------------------------------------------------------
+    kafka_brokers: str = Field(alias="KAFKA_BROKERS")
+    kafka_topic_tasks: str = Field("generia-tasks", alias="KAFKA_TOPIC_TASKS")
+    kafka_topic_progress: str = Field("generia-progress", alias="KAFKA_TOPIC_PROGRESS")
+    kafka_topic_dlq: str = Field("generia-tasks-dlq", alias="KAFKA_TOPIC_DLQ")
+    kafka_group_id: str = Field("ai-worker", alias="KAFKA_GROUP_ID")
+    kafka_enable_idempotence: bool = Field(False, alias="KAFKA_ENABLE_IDEMPOTENCE")
+    kafka_session_timeout_ms: int = Field(10000, alias="KAFKA_SESSION_TIMEOUT_MS", ge=1000)
+    kafka_heartbeat_interval_ms: int = Field(3000, alias="KAFKA_HEARTBEAT_INTERVAL_MS", ge=100)
+    kafka_topic_partitions: int = Field(8, alias="KAFKA_TOPIC_PARTITIONS", ge=1)
+
+    # --- LLM -----------------------------------------------------------------------------------
+    openrouter_api_key: str | None = Field(None, alias="OPENROUTER_API_KEY", repr=False)
+    llm_base_url: str = Field(OPENROUTER_BASE_URL, alias="LLM_BASE_URL")
+    default_llm_model: str = Field("google/gemini-2.5-flash", alias="DEFAULT_LLM_MODEL")
+    llm_model_overrides: dict[str, str] = Field(default_factory=dict, alias="LLM_MODEL_OVERRIDES")
+    llm_timeout_s: float = Field(120.0, alias="LLM_TIMEOUT_S", gt=0)
+    llm_max_tokens: int = Field(8000, alias="LLM_MAX_TOKENS", gt=0)
+    max_concurrent_llm_requests: int = Field(8, alias="MAX_CONCURRENT_LLM_REQUESTS", ge=1)
+
+    # --- images --------------------------------------------------------------------------------
+    image_provider: Literal["openrouter", "offline"] = Field("openrouter", alias="IMAGE_PROVIDER")
+    image_model: str = Field("google/gemini-2.5-flash-image", alias="IMAGE_MODEL")
+    image_base_url: str | None = Field(None, alias="IMAGE_BASE_URL")
+    image_timeout_s: float = Field(180.0, alias="IMAGE_TIMEOUT_S", gt=0)
+    max_concurrent_image_requests: int = Field(4, alias="MAX_CONCURRENT_IMAGE_REQUESTS", ge=1)
+    upload_timeout_s: float = Field(60.0, alias="UPLOAD_TIMEOUT_S", gt=0)
+
+    # --- platform (gRPC) -----------------------------------------------------------------------
+    consul_address: str = Field("consul:8500", alias="CONSUL_ADDRESS")
+    character_service_addr: str | None = Field(None, alias="CHARACTER_SERVICE_ADDR")
+    media_service_addr: str | None = Field(None, alias="MEDIA_SERVICE_ADDR")
+    post_service_addr: str | None = Field(None, alias="POST_SERVICE_ADDR")
+    world_service_addr: str | None = Field(None, alias="WORLD_SERVICE_ADDR")
+    grpc_deadline_s: float = Field(10.0, alias="GRPC_DEADLINE_S", gt=0)
+    consul_cache_s: float = Field(30.0, alias="CONSUL_CACHE_S", ge=0)
+
+    # --- engine --------------------------------------------------------------------------------
+    max_concurrent_tasks: int = Field(16, alias="MAX_CONCURRENT_TASKS", ge=1)
+    task_lease_s: float = Field(120.0, alias="TASK_LEASE_S", gt=1)
+    shutdown_grace_s: float = Field(30.0, alias="SHUTDOWN_GRACE_S", ge=0)
+    retry_base_delay_s: float = Field(2.0, alias="RETRY_BASE_DELAY_S", ge=0)
+    retry_max_delay_s: float = Field(60.0, alias="RETRY_MAX_DELAY_S", ge=0)
+    task_max_attempts: dict[str, int] = Field(default_factory=dict, alias="TASK_MAX_ATTEMPTS")
+    reconcile_interval_s: float = Field(10.0, alias="RECONCILE_INTERVAL_S", gt=0)
+
+    # --- accepted for compatibility with the worker we replace (see README) ---------------------
+    minio_endpoint: str | None = Field(None, alias="MINIO_ENDPOINT")
+    minio_access_key: str | None = Field(None, alias="MINIO_ACCESS_KEY", repr=False)
+    minio_secret_key: str | None = Field(None, alias="MINIO_SECRET_KEY", repr=False)
+    minio_bucket: str | None = Field(None, alias="MINIO_BUCKET")
+    minio_use_ssl: bool = Field(False, validation_alias=AliasChoices("MINIO_USE_SSL", "MINIO_SECURE"))
+    api_gateway_url: str | None = Field(None, alias="API_GATEWAY_URL")
+
+    @field_validator("llm_model_overrides")
+    @classmethod
+    def _known_steps(cls, value: dict[str, str]) -> dict[str, str]:
+        unknown = sorted(set(value) - set(LLM_STEPS))
+        if unknown:
+            raise ValueError(f"unknown step(s) {unknown}; known: {list(LLM_STEPS)}")
+        return value
+
+    @cached_property
+    def kafka_bootstrap(self) -> list[str]:
+        return [b.strip() for b in self.kafka_brokers.split(",") if b.strip()]
+
+    @property
+    def talks_to_openrouter(self) -> bool:
+        return "openrouter.ai" in self.llm_base_url
+
+    def model_for(self, step: str) -> str:
+        return self.llm_model_overrides.get(step, self.default_llm_model)
+
+    def check_runtime(self) -> None:
+        """Checks that need more than one variable; raises ConfigError naming the variable."""
+        if self.talks_to_openrouter and not self.openrouter_api_key:
+            raise ConfigError(
+                "OPENROUTER_API_KEY is required when LLM_BASE_URL points at OpenRouter "
+                "(set it, or point LLM_BASE_URL at another OpenAI-compatible endpoint)"
+            )
+        if self.image_provider == "openrouter" and not self.openrouter_api_key and self.image_base_url is None:
+            raise ConfigError(
+                "OPENROUTER_API_KEY is required for IMAGE_PROVIDER=openrouter "
+                "(set it, set IMAGE_BASE_URL, or use IMAGE_PROVIDER=offline)"
+            )
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Build settings from the environment, turning pydantic errors into a ConfigError per variable."""
+    try:
+        settings = Settings(**overrides)  # type: ignore[arg-type]
+    except ValidationError as exc:
+        lines = []
+        for err in exc.errors():
+            name = str(err["loc"][0]).upper() if err["loc"] else "?"
+            if err["type"] == "missing":
+                lines.append(f"{name}: required but not set")
+            else:
+                lines.append(f"{name}: {err['msg']} (got {err.get('input')!r})")
+        raise ConfigError("invalid configuration:\n  " + "\n  ".join(lines)) from None
+    settings.check_runtime()
+    return settings
