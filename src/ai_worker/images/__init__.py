@@ -1,0 +1,1 @@
+"""Image providers (OpenRouter image output, offline renderer), image validation and the image service."""

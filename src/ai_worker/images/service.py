@@ -1,0 +1,132 @@
+"""The image service: one provider behind a semaphore, with a history record per generation attempt."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import TYPE_CHECKING, Any
+
+import structlog
+
+from ai_worker.errors import WorkerError
+from ai_worker.images.base import GeneratedImage, ImageProvider
+from ai_worker.images.offline import OfflineImageProvider
+from ai_worker.images.openrouter import OpenRouterImageProvider
+from ai_worker.llm.history import ApiRequestRecord, CallContext, Recorder
+from ai_worker.llm.http_errors import status_of
+
+if TYPE_CHECKING:
+    from ai_worker.config import Settings
+
+log = structlog.get_logger(__name__)
+
+
+class ImageService:
+    def __init__(self, provider: ImageProvider, max_concurrency: int, recorder: Recorder) -> None:
+        if max_concurrency < 1:
+            raise ValueError("max_concurrency must be at least 1")
+        self.provider = provider
+        self._semaphore = asyncio.Semaphore(max_concurrency)
+        self._recorder = recorder
+
+    @classmethod
+    def from_settings(cls, settings: Settings, recorder: Recorder) -> ImageService:
+        provider: ImageProvider
+        if settings.image_provider == "offline":
+            provider = OfflineImageProvider()
+        else:
+            provider = OpenRouterImageProvider(
+                base_url=settings.image_base_url or settings.llm_base_url,
+                api_key=settings.openrouter_api_key,
+                model=settings.image_model,
+                timeout_s=settings.image_timeout_s,
+                send_openrouter_extras=settings.talks_to_openrouter,
+            )
+        return cls(provider, settings.max_concurrent_image_requests, recorder)
+
+    async def aclose(self) -> None:
+        closer = getattr(self.provider, "aclose", None)
+        if closer is not None:
+            await closer()
+
+    async def generate(self, prompt: str, width: int, height: int, call: CallContext) -> GeneratedImage:
+        request_data: dict[str, Any] = {
+            "prompt": prompt,
+            "width": width,
+            "height": height,
+            "model": self.provider.model,
+        }
+        async with self._semaphore:
+            started = time.monotonic()
+            try:
+                image = await self.provider.generate(prompt, width, height)
+            except Exception as exc:
+                error_type = exc.error_type if isinstance(exc, WorkerError) else "unexpected"
+                duration_ms = int((time.monotonic() - started) * 1000)
+                await self._record(
+                    ApiRequestRecord(
+                        api_type="image_generation",
+                        task_id=call.task_id,
+                        world_id=call.world_id,
+                        request_type=call.request_type,
+                        request_data=request_data,
+                        error=str(exc),
+                        error_type=error_type,
+                        status="error",
+                        status_code=status_of(exc),
+                        duration_ms=duration_ms,
+                        model=self.provider.model,
+                        provider=self.provider.name,
+                        task_attempt=call.attempt,
+                    )
+                )
+                log.warning(
+                    "image_generation_failed",
+                    model=self.provider.model,
+                    request_type=call.request_type,
+                    task_id=call.task_id,
+                    error_type=error_type,
+                    error=str(exc),
+                    duration_ms=duration_ms,
+                )
+                raise
+        duration_ms = int((time.monotonic() - started) * 1000)
+        await self._record(
+            ApiRequestRecord(
+                api_type="image_generation",
+                task_id=call.task_id,
+                world_id=call.world_id,
+                request_type=call.request_type,
+                request_data=request_data,
+                response_data={
+                    "width": image.width,
+                    "height": image.height,
+                    "bytes": len(image.data),
+                    "content_type": image.content_type,
+                },
+                duration_ms=duration_ms,
+                model=image.model,
+                provider=image.provider,
+                task_attempt=call.attempt,
+                cost=image.cost,
+            )
+        )
+        log.info(
+            "image_generated",
+            model=image.model,
+            provider=image.provider,
+            request_type=call.request_type,
+            task_id=call.task_id,
+            width=image.width,
+            height=image.height,
+            bytes=len(image.data),
+            cost=image.cost,
+            duration_ms=duration_ms,
+        )
+        return image
+
+    async def _record(self, record: ApiRequestRecord) -> None:
+        try:
+            await self._recorder.record(record)
+        except Exception:  # history is best effort: never fail a paid, successful generation over it
+            log.exception("image_record_failed", request_type=record.request_type, task_id=record.task_id)

@@ -1,0 +1,457 @@
+"""OpenAI-compatible chat client for structured output.
+
+One call of `structured` is at most two HTTP attempts: the first answer, and, when that answer is not
+valid JSON for the schema, one repair request that shows the model its reply and the error. Every HTTP
+attempt is recorded (`api_requests_history`), failed ones included. A semaphore bounds the number of
+requests in flight (MAX_CONCURRENT_LLM_REQUESTS).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
+
+import httpx
+import structlog
+from pydantic import BaseModel, ValidationError
+
+from ai_worker.errors import InvalidOutput, WorkerError
+from ai_worker.llm.history import ApiRequestRecord, CallContext, Recorder
+from ai_worker.llm.http_errors import (
+    attach_status,
+    decode_json_body,
+    error_for_body,
+    error_for_status,
+    error_for_transport,
+    status_of,
+)
+from ai_worker.llm.schema import strict_json_schema
+
+if TYPE_CHECKING:
+    from ai_worker.config import Settings
+
+T = TypeVar("T", bound=BaseModel)
+
+log = structlog.get_logger(__name__)
+
+MAX_RECORDED_CONTENT = 20_000
+_MAX_ERROR_IN_REPAIR = 600
+_FENCE = re.compile(r"^```[a-zA-Z0-9_-]*\s*\n?(.*?)\n?\s*```$", re.DOTALL)
+
+
+class Prompt(BaseModel):
+    system: str
+    user: str
+
+
+class LLMUsage(BaseModel):
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+    reasoning_tokens: int = 0
+    cost: float = 0.0
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+    def __add__(self, other: LLMUsage) -> LLMUsage:
+        return LLMUsage(
+            prompt_tokens=self.prompt_tokens + other.prompt_tokens,
+            completion_tokens=self.completion_tokens + other.completion_tokens,
+            cached_tokens=self.cached_tokens + other.cached_tokens,
+            reasoning_tokens=self.reasoning_tokens + other.reasoning_tokens,
+            cost=self.cost + other.cost,
+        )
+
+    @classmethod
+    def from_response(cls, body: Mapping[str, Any]) -> LLMUsage:
+        usage = body.get("usage")
+        if not isinstance(usage, Mapping):
+            return cls()
+        prompt_details = usage.get("prompt_tokens_details")
+        completion_details = usage.get("completion_tokens_details")
+        return cls(
+            prompt_tokens=_as_int(usage.get("prompt_tokens")),
+            completion_tokens=_as_int(usage.get("completion_tokens")),
+            cached_tokens=_as_int(prompt_details.get("cached_tokens"))
+            if isinstance(prompt_details, Mapping)
+            else 0,
+            reasoning_tokens=_as_int(completion_details.get("reasoning_tokens"))
+            if isinstance(completion_details, Mapping)
+            else 0,
+            cost=_as_float(usage.get("cost")),
+        )
+
+
+@dataclass
+class LLMResult(Generic[T]):
+    value: T
+    usage: LLMUsage
+    model: str
+    calls: int
+
+
+def _as_int(value: Any) -> int:
+    if isinstance(value, bool):
+        return 0
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float):
+        return int(value)
+    return 0
+
+
+def _as_float(value: Any) -> float:
+    if isinstance(value, bool):
+        return 0.0
+    if isinstance(value, int | float):
+        return float(value)
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return 0.0
+    return 0.0
+
+
+def strip_fences(text: str) -> str:
+    """Remove a surrounding Markdown code fence (```json ... ```), which some models add anyway."""
+    stripped = text.strip()
+    match = _FENCE.match(stripped)
+    return match.group(1).strip() if match else stripped
+
+
+def _describe_validation_error(exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors()[:5]:
+        loc = ".".join(str(p) for p in err["loc"]) or "(root)"
+        parts.append(f"{loc}: {err['msg']}")
+    more = exc.error_count() - len(parts)
+    if more > 0:
+        parts.append(f"and {more} more")
+    return "; ".join(parts)
+
+
+@dataclass
+class _Attempt:
+    """What one HTTP attempt produced: the raw text, and either a value or why it was unusable."""
+
+    content: str
+    usage: LLMUsage
+    value: BaseModel | None
+    problem: str | None
+
+
+class LLMClient:
+    def __init__(
+        self,
+        *,
+        base_url: str,
+        api_key: str | None,
+        default_model: str,
+        model_overrides: Mapping[str, str],
+        timeout_s: float,
+        max_concurrency: int,
+        max_tokens: int,
+        send_openrouter_extras: bool,
+        recorder: Recorder,
+        http: httpx.AsyncClient | None = None,
+    ) -> None:
+        if max_concurrency < 1:
+            raise ValueError("max_concurrency must be at least 1")
+        self._url = base_url.rstrip("/") + "/chat/completions"
+        self._api_key = api_key
+        self._default_model = default_model
+        self._overrides = dict(model_overrides)
+        self._timeout = httpx.Timeout(timeout_s, connect=10.0)
+        self._semaphore = asyncio.Semaphore(max_concurrency)
+        self._max_tokens = max_tokens
+        self._extras = send_openrouter_extras
+        self._provider = "openrouter" if send_openrouter_extras else "openai-compatible"
+        self._recorder = recorder
+        self._owns_http = http is None
+        self._http = http if http is not None else httpx.AsyncClient(timeout=self._timeout)
+
+    @classmethod
+    def from_settings(cls, settings: Settings, recorder: Recorder) -> LLMClient:
+        return cls(
+            base_url=settings.llm_base_url,
+            api_key=settings.openrouter_api_key,
+            default_model=settings.default_llm_model,
+            model_overrides=settings.llm_model_overrides,
+            timeout_s=settings.llm_timeout_s,
+            max_concurrency=settings.max_concurrent_llm_requests,
+            max_tokens=settings.llm_max_tokens,
+            send_openrouter_extras=settings.talks_to_openrouter,
+            recorder=recorder,
+        )
+
+    def model_for(self, step: str) -> str:
+        return self._overrides.get(step, self._default_model)
+
+    async def aclose(self) -> None:
+        if self._owns_http:
+            await self._http.aclose()
+
+    async def structured(
+        self, prompt: Prompt, schema: type[T], call: CallContext, *, step: str | None = None
+    ) -> LLMResult[T]:
+        """Ask for a JSON object valid for `schema`; repair once; raise InvalidOutput if still invalid."""
+        model = self.model_for(step or call.request_type)
+        messages: list[dict[str, str]] = [
+            {"role": "system", "content": prompt.system},
+            {"role": "user", "content": prompt.user},
+        ]
+        log.debug("llm_prompt", model=model, request_type=call.request_type, messages=messages)
+
+        first = await self._attempt(model, messages, schema, call, attempt=1)
+        usage = first.usage
+        if first.value is not None:
+            return LLMResult(value=self._typed(first.value, schema), usage=usage, model=model, calls=1)
+
+        log.warning(
+            "llm_output_invalid_repairing",
+            model=model,
+            request_type=call.request_type,
+            task_id=call.task_id,
+            problem=first.problem,
+        )
+        repair = list(messages)
+        if first.content:
+            repair.append({"role": "assistant", "content": first.content})
+        repair.append(
+            {
+                "role": "user",
+                "content": (
+                    f"Your previous reply was not valid: {first.problem}. "
+                    "Reply again with only the corrected JSON object that matches the schema."
+                ),
+            }
+        )
+        second = await self._attempt(model, repair, schema, call, attempt=2)
+        usage = usage + second.usage
+        if second.value is not None:
+            return LLMResult(value=self._typed(second.value, schema), usage=usage, model=model, calls=2)
+        raise InvalidOutput(f"{schema.__name__} output still invalid after repair: {second.problem}")
+
+    @staticmethod
+    def _typed(value: BaseModel, schema: type[T]) -> T:
+        if not isinstance(value, schema):  # pragma: no cover - _validate always returns schema instances
+            raise InvalidOutput(f"expected {schema.__name__}, got {type(value).__name__}")
+        return value
+
+    def _payload(self, model: str, messages: list[dict[str, str]], schema: type[BaseModel]) -> dict[str, Any]:
+        payload: dict[str, Any] = {
+            "model": model,
+            "messages": messages,
+            "response_format": {
+                "type": "json_schema",
+                "json_schema": {
+                    "name": schema.__name__,
+                    "strict": True,
+                    "schema": strict_json_schema(schema),
+                },
+            },
+            "max_tokens": self._max_tokens,
+        }
+        if self._extras:
+            payload["provider"] = {"require_parameters": True}
+            payload["usage"] = {"include": True}
+        return payload
+
+    def _headers(self) -> dict[str, str]:
+        headers = {"Content-Type": "application/json"}
+        if self._api_key:
+            headers["Authorization"] = f"Bearer {self._api_key}"
+        return headers
+
+    @staticmethod
+    def _validate(content: str, schema: type[BaseModel]) -> tuple[BaseModel | None, str | None]:
+        text = strip_fences(content)
+        if not text:
+            return None, "the reply was empty"
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            return None, f"the reply is not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno})"
+        try:
+            return schema.model_validate(data), None
+        except ValidationError as exc:
+            detail = _describe_validation_error(exc)[:_MAX_ERROR_IN_REPAIR]
+            return None, f"the JSON does not match the schema ({detail})"
+
+    async def _attempt(
+        self,
+        model: str,
+        messages: list[dict[str, str]],
+        schema: type[BaseModel],
+        call: CallContext,
+        *,
+        attempt: int,
+    ) -> _Attempt:
+        """One HTTP request. Raises the classified error for transport/HTTP/provider failures (after
+        recording it); returns an `_Attempt` whose `problem` is set when the output is unusable."""
+        payload = self._payload(model, messages, schema)
+        request_data: dict[str, Any] = {
+            "model": model,
+            "messages": messages,
+            "max_tokens": self._max_tokens,
+            "schema": schema.__name__,
+        }
+        started = time.monotonic()
+        status_code: int | None = None
+        body: dict[str, Any] | None = None
+        usage = LLMUsage()
+        content = ""
+        response_data: dict[str, Any] | None = None
+        try:
+            async with self._semaphore:
+                started = time.monotonic()
+                try:
+                    response = await self._http.post(
+                        self._url, json=payload, headers=self._headers(), timeout=self._timeout
+                    )
+                except httpx.HTTPError as exc:
+                    raise error_for_transport(exc) from exc
+            status_code = response.status_code
+            http_error = error_for_status(response)
+            if http_error is not None:
+                raise http_error
+            body = decode_json_body(response)
+            usage = LLMUsage.from_response(body)
+            body_error = error_for_body(body, status_code)
+            if body_error is not None:
+                raise body_error
+            content, finish_reason = _first_message(body)
+            response_data = {
+                "content": content[:MAX_RECORDED_CONTENT],
+                "finish_reason": finish_reason,
+                "id": body.get("id"),
+            }
+            value, problem = self._validate(content, schema)
+            if problem is not None and finish_reason == "length":
+                problem += " (the reply was cut off at the token limit)"
+        except WorkerError as exc:
+            duration_ms = int((time.monotonic() - started) * 1000)
+            if status_code is not None and status_of(exc) is None:
+                attach_status(exc, status_code)
+            if body is not None and response_data is None:
+                response_data = {"id": body.get("id"), "error": body.get("error")}
+            await self._record(
+                call,
+                attempt=attempt,
+                model=model,
+                request_data=request_data,
+                response_data=response_data,
+                usage=usage,
+                status_code=status_code,
+                duration_ms=duration_ms,
+                error=exc,
+            )
+            log.warning(
+                "llm_call_failed",
+                model=model,
+                request_type=call.request_type,
+                task_id=call.task_id,
+                attempt=attempt,
+                status_code=status_code,
+                error_type=exc.error_type,
+                error=str(exc),
+                duration_ms=duration_ms,
+            )
+            raise
+
+        duration_ms = int((time.monotonic() - started) * 1000)
+        invalid = InvalidOutput(problem) if problem is not None else None
+        await self._record(
+            call,
+            attempt=attempt,
+            model=model,
+            request_data=request_data,
+            response_data=response_data,
+            usage=usage,
+            status_code=status_code,
+            duration_ms=duration_ms,
+            error=invalid,
+        )
+        log.info(
+            "llm_call",
+            model=model,
+            request_type=call.request_type,
+            task_id=call.task_id,
+            attempt=attempt,
+            valid=problem is None,
+            prompt_tokens=usage.prompt_tokens,
+            completion_tokens=usage.completion_tokens,
+            cost=usage.cost,
+            duration_ms=duration_ms,
+        )
+        log.debug("llm_reply", model=model, content=content[:MAX_RECORDED_CONTENT])
+        return _Attempt(content=content, usage=usage, value=value, problem=problem)
+
+    async def _record(
+        self,
+        call: CallContext,
+        *,
+        attempt: int,
+        model: str,
+        request_data: dict[str, Any],
+        response_data: dict[str, Any] | None,
+        usage: LLMUsage,
+        status_code: int | None,
+        duration_ms: int,
+        error: WorkerError | None,
+    ) -> None:
+        record = ApiRequestRecord(
+            api_type="llm",
+            task_id=call.task_id,
+            world_id=call.world_id,
+            request_type=call.request_type,
+            request_data=request_data,
+            response_data=response_data,
+            error=str(error) if error is not None else None,
+            error_type=error.error_type if error is not None else None,
+            status="error" if error is not None else "ok",
+            status_code=status_code,
+            duration_ms=duration_ms,
+            model=model,
+            provider=self._provider,
+            attempt=attempt,
+            task_attempt=call.attempt,
+            prompt_tokens=usage.prompt_tokens,
+            completion_tokens=usage.completion_tokens,
+            cached_tokens=usage.cached_tokens,
+            reasoning_tokens=usage.reasoning_tokens,
+            total_tokens=usage.total_tokens,
+            cost=usage.cost,
+        )
+        try:
+            await self._recorder.record(record)
+        except Exception:  # history is best effort: never turn a paid, successful call into a failure
+            log.exception("llm_record_failed", request_type=call.request_type, task_id=call.task_id)
+
+
+def _first_message(body: Mapping[str, Any]) -> tuple[str, str | None]:
+    """`choices[0].message.content` and the finish reason; missing pieces give an empty string."""
+    choices = body.get("choices")
+    if not isinstance(choices, list) or not choices or not isinstance(choices[0], Mapping):
+        return "", None
+    choice = choices[0]
+    finish = choice.get("finish_reason")
+    message = choice.get("message")
+    if not isinstance(message, Mapping):
+        return "", finish if isinstance(finish, str) else None
+    content = message.get("content")
+    if isinstance(content, list):  # content parts: join the text ones
+        content = "".join(
+            str(part.get("text", "")) for part in content if isinstance(part, Mapping) and "text" in part
+        )
+    if not isinstance(content, str):
+        content = ""
+    return content, finish if isinstance(finish, str) else None

@@ -1,0 +1,91 @@
+"""`api_requests_history`: one document per external call attempt (CONTRACTS.md), plus the per-world
+call and cost counters on `world_generation_status`. Never store secrets or image bytes here."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, Literal, Protocol
+
+from pydantic import BaseModel, Field
+
+ApiType = Literal["llm", "image_generation", "grpc", "upload"]
+
+HISTORY_COLLECTION = "api_requests_history"
+WORLD_STATUS_COLLECTION = "world_generation_status"
+
+
+@dataclass(frozen=True)
+class CallContext:
+    """Who a call is made for: recorded on every history document."""
+
+    task_id: str | None
+    world_id: str | None
+    request_type: str
+    attempt: int = 1
+
+
+class ApiRequestRecord(BaseModel):
+    id: str = Field(default_factory=lambda: str(uuid.uuid4()), alias="_id")
+    api_type: ApiType
+    task_id: str | None
+    world_id: str | None
+    request_type: str
+    request_data: dict[str, Any]
+    response_data: dict[str, Any] | None = None
+    error: str | None = None
+    error_type: str | None = None
+    status: Literal["ok", "error"] = "ok"
+    status_code: int | None = None
+    duration_ms: int
+    model: str | None = None
+    provider: str | None = None
+    attempt: int = 1
+    task_attempt: int = 1
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+    reasoning_tokens: int = 0
+    total_tokens: int = 0
+    cost: float = 0.0
+    created_at: datetime = Field(default_factory=lambda: datetime.now(UTC))
+
+    model_config = {"populate_by_name": True}
+
+
+class Recorder(Protocol):
+    async def record(self, record: ApiRequestRecord) -> None: ...
+
+
+class MongoRecorder:
+    """Inserts history documents and keeps the world's call/cost counters (one $inc per call)."""
+
+    def __init__(self, db: Any) -> None:
+        self._history = db[HISTORY_COLLECTION]
+        self._worlds = db[WORLD_STATUS_COLLECTION]
+
+    async def record(self, record: ApiRequestRecord) -> None:
+        await self._history.insert_one(record.model_dump(by_alias=True))
+        if record.world_id is None:
+            return
+        inc: dict[str, Any]
+        if record.api_type == "llm":
+            inc = {"api_calls_made_LLM": 1, "llm_cost_total": record.cost}
+        elif record.api_type == "image_generation":
+            inc = {"api_calls_made_images": 1, "image_cost_total": record.cost}
+        else:
+            return
+        await self._worlds.update_one(
+            {"_id": record.world_id}, {"$inc": inc, "$set": {"updated_at": record.created_at}}
+        )
+
+
+class MemoryRecorder:
+    """For unit tests."""
+
+    def __init__(self) -> None:
+        self.records: list[ApiRequestRecord] = []
+
+    async def record(self, record: ApiRequestRecord) -> None:
+        self.records.append(record)
