@@ -1,0 +1,1 @@
+"""LLM output schemas, prompt loading and rendering, world formatting."""
