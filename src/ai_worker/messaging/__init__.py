@@ -1,0 +1,1 @@
+"""Kafka: event models, consumer (commit tracking, dead letters), producer."""

@@ -1,0 +1,1 @@
+"""structlog setup, metrics, the health/stats HTTP endpoint."""

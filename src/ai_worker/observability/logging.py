@@ -1,0 +1,56 @@
+"""structlog JSON logging to stdout; task context (task_id, world_id, task_type, attempt) is bound with
+contextvars so every line logged while a task runs carries it. Prompt bodies are logged at DEBUG only."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Iterator, MutableMapping
+from contextlib import contextmanager
+from typing import Any
+
+import structlog
+
+_SECRET_KEYS = ("api_key", "authorization", "openrouter_api_key", "password", "secret")
+
+
+def _redact(_: Any, __: str, event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    for key in list(event_dict):
+        if any(s in key.lower() for s in _SECRET_KEYS):
+            event_dict[key] = "***"
+    return event_dict
+
+
+def configure_logging(level: str = "INFO", *, json: bool = True, stream: Any = None) -> None:
+    lvl = logging.getLevelName(level.upper())
+    if not isinstance(lvl, int):
+        lvl = logging.INFO
+    out = stream or sys.stdout
+    logging.basicConfig(level=lvl, stream=out, format="%(message)s", force=True)
+    for noisy in ("aiokafka", "kafka", "pymongo", "httpx", "httpcore", "grpc"):
+        logging.getLogger(noisy).setLevel(max(lvl, logging.WARNING))
+    renderer: Any = structlog.processors.JSONRenderer() if json else structlog.dev.ConsoleRenderer()
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.stdlib.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            _redact,
+            structlog.processors.format_exc_info,
+            renderer,
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(lvl),
+        logger_factory=structlog.PrintLoggerFactory(file=out),
+        cache_logger_on_first_use=False,
+    )
+
+
+@contextmanager
+def task_log_context(*, task_id: str, world_id: str, task_type: str, attempt: int) -> Iterator[None]:
+    tokens = structlog.contextvars.bind_contextvars(
+        task_id=task_id, world_id=world_id, task_type=task_type, attempt=attempt
+    )
+    try:
+        yield
+    finally:
+        structlog.contextvars.reset_contextvars(**tokens)

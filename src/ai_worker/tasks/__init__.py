@@ -1,0 +1,1 @@
+"""The engine: task store, claim/lease/retry, registry (job factory), progress, reconciler."""
