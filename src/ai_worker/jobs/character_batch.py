@@ -1,0 +1,70 @@
+"""generate_character_batch: up to 10 characters per batch, exactly as many as asked; batches run one
+after another so each is told what the earlier ones produced."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from pydantic import BaseModel
+
+from ai_worker.content.schemas import CharacterBatch, CharacterSpec
+from ai_worker.content.world import render_world
+from ai_worker.jobs.common import BATCH_SIZE, bullet_list, exact_count, slug
+from ai_worker.jobs.world_description import CharacterBatchParams
+from ai_worker.messaging.events import TaskType
+from ai_worker.tasks.context import JobContext
+from ai_worker.tasks.progress import WorldPlan
+from ai_worker.tasks.registry import Job
+
+
+class CharacterParams(BaseModel):
+    index: int
+    character: CharacterSpec
+    posts_count: int
+
+
+class GenerateCharacterBatch(Job[CharacterBatchParams]):
+    task_type = TaskType.GENERATE_CHARACTER_BATCH
+    Params = CharacterBatchParams
+
+    async def run(self, ctx: JobContext, params: CharacterBatchParams) -> dict[str, Any]:
+        world_text = render_world(await ctx.world())
+        taken = {line.split("@", 1)[1].split(")", 1)[0] for line in params.existing if "@" in line}
+
+        async def ask(missing: int, have: list[CharacterSpec]) -> Sequence[CharacterSpec]:
+            existing = params.existing + [_label(c) for c in have]
+            prompt = ctx.prompt("character_batch", world=world_text, existing=bullet_list(existing),
+                                count=missing)
+            batch = await ctx.llm("character_batch", prompt, CharacterBatch)
+            for i, c in enumerate(batch.characters):
+                c.username = slug(c.username, f"character_{params.start_index + len(have) + i}")
+            return batch.characters
+
+        async def generate() -> list[CharacterSpec]:
+            return await exact_count(params.count, ask, lambda c: c.username, taken)
+
+        characters = await ctx.step("characters", generate, list[CharacterSpec])
+        plan = WorldPlan(users=params.users_total, posts=params.posts_total)
+        for offset, character in enumerate(characters):
+            index = params.start_index + offset
+            ctx.spawn(TaskType.GENERATE_CHARACTER, f"character-{index}",
+                      CharacterParams(index=index, character=character, posts_count=plan.posts_for(index)))
+        next_start = params.start_index + params.count
+        if next_start < params.users_total:
+            ctx.spawn(
+                TaskType.GENERATE_CHARACTER_BATCH, f"character-batch-{params.batch_index + 1}",
+                CharacterBatchParams(
+                    batch_index=params.batch_index + 1, start_index=next_start,
+                    count=min(BATCH_SIZE, params.users_total - next_start), users_total=params.users_total,
+                    posts_total=params.posts_total, existing=params.existing + [_label(c) for c in characters],
+                ),
+            )
+        return {"usernames": [c.username for c in characters]}
+
+
+def _label(c: CharacterSpec) -> str:
+    return f"{c.display_name} (@{c.username}), {c.occupation}"
+
+
+JOB = GenerateCharacterBatch

@@ -1,0 +1,60 @@
+"""generate_post_batch: up to 10 post ideas for one character, exactly as many as asked; batches run
+one after another so each knows the topics already planned."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from pydantic import BaseModel
+
+from ai_worker.content.schemas import CharacterSpec, PostBatch, PostIdea
+from ai_worker.content.world import render_character, render_world
+from ai_worker.jobs.character import PostBatchParams
+from ai_worker.jobs.common import BATCH_SIZE, bullet_list, exact_count
+from ai_worker.messaging.events import TaskType
+from ai_worker.tasks.context import JobContext
+from ai_worker.tasks.registry import Job
+
+
+class PostParams(BaseModel):
+    character_id: str
+    character: CharacterSpec
+    post_index: int
+    idea: PostIdea
+
+
+class GeneratePostBatch(Job[PostBatchParams]):
+    task_type = TaskType.GENERATE_POST_BATCH
+    Params = PostBatchParams
+
+    async def run(self, ctx: JobContext, params: PostBatchParams) -> dict[str, Any]:
+        world_text = render_world(await ctx.world())
+        character_text = render_character(params.character)
+
+        async def ask(missing: int, have: list[PostIdea]) -> Sequence[PostIdea]:
+            prompt = ctx.prompt("post_batch", world=world_text, character=character_text,
+                                existing=bullet_list(params.existing + [i.topic for i in have]), count=missing)
+            return (await ctx.llm("post_batch", prompt, PostBatch)).posts
+
+        async def generate() -> list[PostIdea]:
+            return await exact_count(params.count, ask, lambda i: i.topic.strip().lower(),
+                                     {t.strip().lower() for t in params.existing})
+
+        ideas = await ctx.step("ideas", generate, list[PostIdea])
+        for offset, idea in enumerate(ideas):
+            index = params.start_index + offset
+            ctx.spawn(TaskType.GENERATE_POST, f"post-{index}",
+                      PostParams(character_id=params.character_id, character=params.character,
+                                 post_index=index, idea=idea))
+        next_start = params.start_index + params.count
+        if next_start < params.total:
+            ctx.spawn(TaskType.GENERATE_POST_BATCH, f"post-batch-{params.batch_index + 1}",
+                      params.model_copy(update={
+                          "batch_index": params.batch_index + 1, "start_index": next_start,
+                          "count": min(BATCH_SIZE, params.total - next_start),
+                          "existing": params.existing + [i.topic for i in ideas]}))
+        return {"topics": [i.topic for i in ideas]}
+
+
+JOB = GeneratePostBatch

@@ -1,0 +1,52 @@
+"""generate_post_image: a 512x512 picture -> Media -> CreateAIPost. Every post gets published: when
+the picture cannot be made on the last attempt, the post goes out without one."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ai_worker.content.world import image_style
+from ai_worker.jobs.post import PostImageParams
+from ai_worker.messaging.events import TaskType
+from ai_worker.platform.clients import MediaKind
+from ai_worker.tasks.context import JobContext, LeaseLost
+from ai_worker.tasks.registry import Job
+
+
+class GeneratePostImage(Job[PostImageParams]):
+    task_type = TaskType.GENERATE_POST_IMAGE
+    Params = PostImageParams
+
+    async def run(self, ctx: JobContext, params: PostImageParams) -> dict[str, Any]:
+        world = await ctx.world()
+        image_error: str | None = None
+
+        async def make_image() -> str:
+            nonlocal image_error
+            try:
+                return await ctx.image_upload(
+                    step="post_image", prompt=f"{params.image_prompt}\n{image_style(world)}", width=512,
+                    height=512, filename=f"post_{ctx.world_id}_{params.character_id}_{params.post_index}.png",
+                    media_type=MediaKind.POST_IMAGE, character_id=params.character_id)
+            except Exception as exc:
+                if isinstance(exc, LeaseLost) or not ctx.is_last_attempt:
+                    raise
+                image_error = f"{type(exc).__name__}: {exc}"
+                ctx.log.warning("post image failed on the last attempt; publishing without it",
+                                error=image_error)
+                return ""
+
+        media_id = await ctx.step("media_id", make_image, str)
+
+        async def publish() -> str:
+            post_id: str = await ctx.platform.posts.create_ai_post(
+                character_id=params.character_id, caption=params.caption, media_id=media_id,
+                world_id=ctx.world_id, tags=params.tags, request_id=ctx.request_id("create_post"),
+                call=ctx.call("create_post"))
+            return post_id
+
+        post_id = await ctx.step("post_id", publish, str)
+        return {"post_id": post_id, "media_id": media_id or None, "image_error": image_error}
+
+
+JOB = GeneratePostImage

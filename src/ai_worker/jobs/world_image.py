@@ -1,0 +1,37 @@
+"""generate_world_image: header (1024x512) and icon (512x512) -> Media -> UpdateWorldImage."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ai_worker.content.world import image_style
+from ai_worker.jobs.world_description import WorldImageParams
+from ai_worker.messaging.events import TaskType
+from ai_worker.platform.clients import MediaKind
+from ai_worker.tasks.context import JobContext
+from ai_worker.tasks.registry import Job
+
+
+class GenerateWorldImage(Job[WorldImageParams]):
+    task_type = TaskType.GENERATE_WORLD_IMAGE
+    Params = WorldImageParams
+
+    async def run(self, ctx: JobContext, params: WorldImageParams) -> dict[str, Any]:
+        world = await ctx.world()
+        style = image_style(world)
+        header = await ctx.step("header", lambda: ctx.image_upload(
+            step="world_header", prompt=f"{world.header_image_prompt}\n{style}", width=1024, height=512,
+            filename=f"world_{ctx.world_id}_header.png", media_type=MediaKind.WORLD_HEADER), str)
+        icon = await ctx.step("icon", lambda: ctx.image_upload(
+            step="world_icon", prompt=f"{world.icon_image_prompt}\n{style}", width=512, height=512,
+            filename=f"world_{ctx.world_id}_icon.png", media_type=MediaKind.WORLD_ICON), str)
+
+        async def update() -> bool:
+            await ctx.platform.worlds.update_world_image(world_id=ctx.world_id, image_uuid=header, icon_uuid=icon)
+            return True
+
+        await ctx.step("update_world_image", update, bool)
+        return {"header_media_id": header, "icon_media_id": icon}
+
+
+JOB = GenerateWorldImage
