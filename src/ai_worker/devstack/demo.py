@@ -92,7 +92,8 @@ async def _summary(info: StackInfo, world_id: str, status: dict[str, Any], conso
         table.add_row(str(c.get("display_name")), "yes" if c.get("avatar_media_id") else "no")
     console.print(table)
     for p in posts:
-        console.print(f"[bold]post[/] {p.get('caption', '')[:200]}  [dim]{' '.join('#' + t for t in p.get('tags', []))}[/]")
+        tags = " ".join("#" + t for t in p.get("tags", []))
+        console.print(f"[bold]post[/] {p.get('caption', '')[:200]}  [dim]{tags}[/]")
     console.print(render_status(status))
     console.print(f"posts in the platform: {n_posts}")
     console.print(f"data: {info.data_dir}")
