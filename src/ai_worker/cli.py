@@ -1,4 +1,4 @@
-"""The command line: run, dev, send, status, platform."""
+"""The command line: run, dev, send, status, cancel, dlq, platform."""
 
 from __future__ import annotations
 
@@ -95,6 +95,85 @@ def status(
             await asyncio.sleep(2)
 
     raise typer.Exit(asyncio.run(loop()))
+
+
+@app.command()
+def cancel(
+    world_id: str,
+    reason: Annotated[str, typer.Option(help="Recorded on the tasks and the world")] = "cancelled by operator",
+    mongo: Annotated[str | None, typer.Option(help="MongoDB URI (default: MONGODB_URI)")] = None,
+    database: Annotated[str | None, typer.Option()] = None,
+) -> None:
+    """Cancel a world: its non-terminal tasks become `cancelled`, the world `failed` with the reason.
+    Running jobs notice at their next step (their lease renewal fails) and stop without side effects."""
+    from pymongo import AsyncMongoClient
+
+    from ai_worker.tasks.progress import WorldProgress
+    from ai_worker.tasks.store import TaskStore
+
+    mongo = mongo or os.environ.get("MONGODB_URI", DEFAULT_MONGO)
+    database = database or os.environ.get("MONGODB_DATABASE", "generia_ai_worker")
+
+    async def go() -> int:
+        client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(mongo, tz_aware=True)
+        try:
+            db = client[database]
+            n = await TaskStore(db).cancel_world(world_id, reason)
+            marked = await WorldProgress(db).fail_world(world_id, reason)
+            console.print(f"cancelled {n} task(s); world {'marked failed' if marked else 'was already terminal'}")
+            return 0
+        finally:
+            await client.close()
+
+    raise typer.Exit(asyncio.run(go()))
+
+
+dlq_app = typer.Typer(help="The dead-letter topic: list and replay.", no_args_is_help=True)
+app.add_typer(dlq_app, name="dlq")
+
+
+def _kafka_defaults(kafka: str | None, topic: str | None, dlq_topic: str | None) -> tuple[list[str], str, str]:
+    brokers = (kafka or os.environ.get("KAFKA_BROKERS", "localhost:9092")).split(",")
+    return (brokers, topic or os.environ.get("KAFKA_TOPIC_TASKS", "generia-tasks"),
+            dlq_topic or os.environ.get("KAFKA_TOPIC_DLQ", "generia-tasks-dlq"))
+
+
+@dlq_app.command("list")
+def dlq_list(
+    kafka: Annotated[str | None, typer.Option(help="HOST:PORT (default: KAFKA_BROKERS)")] = None,
+    dlq_topic: Annotated[str | None, typer.Option(help="default: KAFKA_TOPIC_DLQ")] = None,
+    limit: Annotated[int, typer.Option(min=1)] = 100,
+) -> None:
+    """Show dead-lettered messages with their reason and source (reads from the start, commits nothing)."""
+    from ai_worker.messaging.dlq import read_dead_letters
+
+    brokers, _, dlq = _kafka_defaults(kafka, None, dlq_topic)
+
+    async def go() -> None:
+        consumer, letters = await read_dead_letters(brokers, dlq, None, limit)
+        await consumer.stop()
+        for letter in letters:
+            preview = (letter.value or b"")[:120].decode(errors="replace")
+            console.print(f"{letter.partition}@{letter.offset} from {letter.source}: {letter.reason}\n    {preview!r}")
+        console.print(f"{len(letters)} message(s)")
+
+    asyncio.run(go())
+
+
+@dlq_app.command("replay")
+def dlq_replay(
+    kafka: Annotated[str | None, typer.Option(help="HOST:PORT (default: KAFKA_BROKERS)")] = None,
+    topic: Annotated[str | None, typer.Option(help="Tasks topic (default: KAFKA_TOPIC_TASKS)")] = None,
+    dlq_topic: Annotated[str | None, typer.Option(help="default: KAFKA_TOPIC_DLQ")] = None,
+    group: Annotated[str, typer.Option(help="Group that remembers what was replayed")] = "ai-worker-dlq-replay",
+    limit: Annotated[int, typer.Option(min=1)] = 1000,
+) -> None:
+    """Re-publish dead-lettered messages (original bytes, key and headers) onto the tasks topic."""
+    from ai_worker.messaging.dlq import replay
+
+    brokers, tasks, dlq = _kafka_defaults(kafka, topic, dlq_topic)
+    letters = asyncio.run(replay(brokers, dlq, tasks, group, limit))
+    console.print(f"replayed {len(letters)} message(s) from {dlq} to {tasks}")
 
 
 @app.command()

@@ -12,7 +12,7 @@ from functools import cached_property
 from typing import Literal
 
 from pydantic import AliasChoices, Field, ValidationError, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
 
 OPENROUTER_BASE_URL = "https://openrouter.ai/api/v1"
 
@@ -143,5 +143,9 @@ def load_settings(**overrides: object) -> Settings:
             else:
                 lines.append(f"{name}: {err['msg']} (got {err.get('input')!r})")
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(lines)) from None
+    except SettingsError as exc:  # JSON-valued variables are decoded before validation
+        text = str(exc)
+        name = next((f.alias for n, f in Settings.model_fields.items() if f'"{n}"' in text and f.alias), "?")
+        raise ConfigError(f"invalid configuration:\n  {name}: not valid JSON ({exc.__cause__ or exc})") from None
     settings.check_runtime()
     return settings

@@ -54,7 +54,8 @@ def test_services_exist() -> None:
     for name in ("kafka", "mongodb", "minio", "consul", "platform", "worker"):
         assert name in services, f"service {name} missing"
     assert services["worker"]["command"] == ["run"]
-    assert services["platform"]["command"] == ["platform"]
+    assert services["platform"]["command"][:1] == ["platform"]
+    assert "--public-url" in services["platform"]["command"]
 
 
 def test_required_settings_are_set(worker_env: dict[str, str]) -> None:

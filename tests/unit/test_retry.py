@@ -13,7 +13,7 @@ from ai_worker import errors
 from ai_worker.messaging.events import TaskType
 from ai_worker.tasks.retry import OTHER_MAX_ATTEMPTS, RetryPolicy, classify
 
-RETRYABLE = {
+RETRYABLE: dict[type[errors.WorkerError], str] = {
     errors.RetryableError: "retryable",
     errors.ProviderTimeout: "provider_timeout",
     errors.ProviderUnavailable: "provider_unavailable",
@@ -23,7 +23,7 @@ RETRYABLE = {
     errors.PlatformUnavailable: "platform_unavailable",
     errors.UploadFailed: "upload_failed",
 }
-PERMANENT = {
+PERMANENT: dict[type[errors.WorkerError], str] = {
     errors.WorkerError: "worker_error",
     errors.PermanentError: "permanent",
     errors.InvalidParameters: "invalid_parameters",
@@ -43,12 +43,12 @@ def test_every_error_class_is_covered_here() -> None:
     assert defined == set(RETRYABLE) | set(PERMANENT)
 
 
-@pytest.mark.parametrize(("cls", "name"), sorted(RETRYABLE.items(), key=lambda kv: kv[1]))
+@pytest.mark.parametrize(("cls", "name"), list(RETRYABLE.items()), ids=list(RETRYABLE.values()))
 def test_retryable_worker_errors(cls: type[errors.WorkerError], name: str) -> None:
     assert classify(cls("boom")) == (name, True)
 
 
-@pytest.mark.parametrize(("cls", "name"), sorted(PERMANENT.items(), key=lambda kv: kv[1]))
+@pytest.mark.parametrize(("cls", "name"), list(PERMANENT.items()), ids=list(PERMANENT.values()))
 def test_permanent_worker_errors(cls: type[errors.WorkerError], name: str) -> None:
     assert classify(cls("boom")) == (name, False)
 

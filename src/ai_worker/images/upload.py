@@ -27,7 +27,7 @@ class MediaUploader:
     ) -> str:
         presigned = await self._media.get_presigned_upload_url(
             world_id=world_id, character_id=character_id, filename=filename, content_type=image.content_type,
-            size=len(image.data), media_type=media_type,
+            size=len(image.data), media_type=media_type, call=call,
         )
         started = time.monotonic()
         error: str | None = None
@@ -52,7 +52,7 @@ class MediaUploader:
             ))
         if error:
             raise UploadFailed(error)
-        confirmed = await self._media.confirm_upload(presigned.media_id)
+        confirmed = await self._media.confirm_upload(presigned.media_id, call=call)
         if not confirmed.success:
             raise UploadFailed(f"media {presigned.media_id} was not confirmed")
         return str(presigned.media_id)

@@ -43,6 +43,7 @@ class GenerateWorldDescription(Job[DescriptionParams]):
             await ctx.platform.worlds.update_world_params(
                 world_id=ctx.world_id, params_json=world.model_dump_json(), name=world.name,
                 users_count=params.users_count, posts_count=params.posts_count,
+                call=ctx.call("update_world_params"),
             )
             return True
 

@@ -27,7 +27,8 @@ class GenerateWorldImage(Job[WorldImageParams]):
             filename=f"world_{ctx.world_id}_icon.png", media_type=MediaKind.WORLD_ICON), str)
 
         async def update() -> bool:
-            await ctx.platform.worlds.update_world_image(world_id=ctx.world_id, image_uuid=header, icon_uuid=icon)
+            await ctx.platform.worlds.update_world_image(world_id=ctx.world_id, image_uuid=header, icon_uuid=icon,
+                                                         call=ctx.call("update_world_image"))
             return True
 
         await ctx.step("update_world_image", update, bool)

@@ -1,0 +1,73 @@
+"""Operator tools for the dead-letter topic: list what is there, replay it onto the tasks topic.
+
+Replay reads the DLQ with its own consumer group (so a message is replayed once per group), strips the
+`x-dlq-*` headers and re-publishes the original bytes and key; the worker then handles them again (a
+message that is still bad simply returns to the DLQ)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+
+DLQ_HEADER_PREFIX = "x-dlq-"
+
+
+@dataclass
+class DeadLetter:
+    partition: int
+    offset: int
+    reason: str
+    source: str
+    value: bytes | None
+    key: bytes | None
+    headers: list[tuple[str, bytes]]
+
+
+def _to_dead_letter(msg: object) -> DeadLetter:
+    headers = list(getattr(msg, "headers", None) or [])
+    h = {k: v for k, v in headers}
+    source = (f"{h.get('x-dlq-source-topic', b'?').decode(errors='replace')}:"
+              f"{h.get('x-dlq-source-partition', b'?').decode(errors='replace')}@"
+              f"{h.get('x-dlq-source-offset', b'?').decode(errors='replace')}")
+    return DeadLetter(
+        partition=int(getattr(msg, "partition", -1)), offset=int(getattr(msg, "offset", -1)),
+        reason=h.get("x-dlq-reason", b"").decode(errors="replace"), source=source,
+        value=getattr(msg, "value", None), key=getattr(msg, "key", None), headers=headers,
+    )
+
+
+async def read_dead_letters(bootstrap: Sequence[str], dlq_topic: str, group_id: str | None, limit: int,
+                            idle_s: float = 3.0) -> tuple[AIOKafkaConsumer, list[DeadLetter]]:
+    consumer = AIOKafkaConsumer(dlq_topic, bootstrap_servers=list(bootstrap), group_id=group_id,
+                                enable_auto_commit=False, auto_offset_reset="earliest")
+    await consumer.start()
+    out: list[DeadLetter] = []
+    empty_polls = 0
+    while len(out) < limit and empty_polls * 0.5 < idle_s:
+        batch = await consumer.getmany(timeout_ms=500, max_records=limit - len(out))
+        if not batch:
+            empty_polls += 1
+            continue
+        empty_polls = 0
+        for msgs in batch.values():
+            out.extend(_to_dead_letter(m) for m in msgs)
+    return consumer, out
+
+
+async def replay(bootstrap: Sequence[str], dlq_topic: str, tasks_topic: str, group_id: str,
+                 limit: int) -> list[DeadLetter]:
+    consumer, letters = await read_dead_letters(bootstrap, dlq_topic, group_id, limit)
+    producer = AIOKafkaProducer(bootstrap_servers=list(bootstrap), acks="all")
+    await producer.start()
+    try:
+        for letter in letters:
+            headers = [(k, v) for k, v in letter.headers if not k.startswith(DLQ_HEADER_PREFIX)]
+            await producer.send_and_wait(tasks_topic, letter.value, key=letter.key, headers=headers or None)
+        if letters:
+            await consumer.commit()  # the group's position after what was replayed
+    finally:
+        await producer.stop()
+        await consumer.stop()
+    return letters
