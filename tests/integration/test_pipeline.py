@@ -10,7 +10,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
-from helpers import WorkerEnv, mongo, produce, read_topic, wait_world
+from support import WorkerEnv, mongo, produce, read_topic, wait_world
 
 from ai_worker.devstack.stack import StackInfo
 

@@ -22,7 +22,7 @@ from pymongo import AsyncMongoClient
 from ai_worker.devstack.processes import create_topics
 from ai_worker.devstack.stack import StackInfo
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 
 
 @dataclass
