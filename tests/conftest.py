@@ -14,11 +14,11 @@ import signal
 import subprocess
 import sys
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from support import unique_name
 
 import ai_worker
 from ai_worker.devstack.stack import StackInfo
@@ -27,9 +27,6 @@ READY_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 30.0
 
 
-def unique_name(prefix: str) -> str:
-    """``prefix_<12 hex>``: valid as a Kafka group id, topic name and MongoDB database name."""
-    return f"{prefix}_{uuid.uuid4().hex[:12]}"
 
 
 @pytest.fixture

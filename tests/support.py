@@ -25,6 +25,11 @@ from ai_worker.devstack.stack import StackInfo
 REPO = Path(__file__).resolve().parents[1]
 
 
+def unique_name(prefix: str) -> str:
+    """``prefix_<12 hex>``: valid as a Kafka group id, topic name and MongoDB database name."""
+    return f"{prefix}_{uuid.uuid4().hex[:12]}"
+
+
 @dataclass
 class WorkerEnv:
     """Everything one test needs, isolated by name on the shared session stack."""

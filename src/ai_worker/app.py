@@ -38,12 +38,21 @@ def mongo_client(settings: Settings) -> AsyncMongoClient[dict[str, Any]]:
     return AsyncMongoClient(settings.mongodb_uri, tz_aware=True, serverSelectionTimeoutMS=10000)
 
 
+def _on_signal(sig: signal.Signals, stop: asyncio.Event) -> None:
+    """SIGTERM/SIGINT: start the graceful shutdown; a repeated signal (during the drain) changes nothing."""
+    if stop.is_set():
+        log.info("shutdown already in progress; signal ignored", signal=sig.name)
+        return
+    log.info("shutdown requested", signal=sig.name)
+    stop.set()
+
+
 async def run_worker(settings: Settings, stop: asyncio.Event | None = None) -> None:
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         with contextlib.suppress(NotImplementedError, RuntimeError):
-            loop.add_signal_handler(sig, stop.set)
+            loop.add_signal_handler(sig, _on_signal, sig, stop)
 
     log.info("worker starting", worker_id=settings.worker_id, topic=settings.kafka_topic_tasks,
              group=settings.kafka_group_id, llm_base_url=settings.llm_base_url,
@@ -109,4 +118,13 @@ async def run_worker(settings: Settings, stop: asyncio.Event | None = None) -> N
             except Exception as exc:
                 log.warning("error while stopping", what=getattr(closer, "__qualname__", "?"), error=str(exc))
         await mongo.close()
+        _ignore_late_sigterm(loop)
         log.info("worker stopped")
+
+
+def _ignore_late_sigterm(loop: asyncio.AbstractEventLoop) -> None:
+    """Everything is closed: a SIGTERM that arrives now (a repeated one, while asyncio.run tears down the loop)
+    must not turn the clean exit into death by signal. Closing the loop would restore the default action."""
+    with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+        loop.remove_signal_handler(signal.SIGTERM)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)

@@ -70,6 +70,9 @@ class Settings(BaseSettings):
     image_timeout_s: float = Field(180.0, alias="IMAGE_TIMEOUT_S", gt=0)
     max_concurrent_image_requests: int = Field(4, alias="MAX_CONCURRENT_IMAGE_REQUESTS", ge=1)
     upload_timeout_s: float = Field(60.0, alias="UPLOAD_TIMEOUT_S", gt=0)
+    provider_max_retries: int = Field(3, alias="PROVIDER_MAX_RETRIES", ge=0, le=20)
+    provider_retry_base_s: float = Field(0.5, alias="PROVIDER_RETRY_BASE_S", ge=0)
+    provider_retry_max_s: float = Field(10.0, alias="PROVIDER_RETRY_MAX_S", ge=0)
 
     # --- platform (gRPC) -----------------------------------------------------------------------
     consul_address: str = Field("consul:8500", alias="CONSUL_ADDRESS")

@@ -207,3 +207,15 @@ async def test_cancel_stops_a_running_job_without_effects(db: Any) -> None:
     doc = await db["tasks"].find_one({"_id": task_id})
     assert doc["status"] == "cancelled"
     assert await db["tasks"].count_documents({"parent_id": task_id}) == 0
+
+
+async def test_task_of_a_cancelled_world_is_cancelled_not_run(db: Any) -> None:
+    engine = make_engine(db, "w1", Recorder())
+    task_id = await new_task(db)
+    world_id = (await db["tasks"].find_one({"_id": task_id}))["world_id"]
+    await db["world_generation_status"].insert_one({"_id": world_id, "status": "failed",
+                                                    "failure_reason": "cancelled by operator"})
+    await process(engine, task_id)
+    doc = await db["tasks"].find_one({"_id": task_id})
+    assert doc["status"] == "cancelled" and "cancelled by operator" in doc["error"]
+    assert Script.paid_calls == 0

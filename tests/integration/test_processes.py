@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
-from conftest import unique_name
 from pymongo import AsyncMongoClient
+from support import unique_name
 
 from ai_worker.devstack.processes import BrokerProcess, DatabaseProcess, create_topics, free_port
 from ai_worker.devstack.stack import StackInfo

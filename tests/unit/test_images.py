@@ -17,6 +17,7 @@ from ai_worker.images.openrouter import OpenRouterImageProvider, decode_data_url
 from ai_worker.images.service import ImageService
 from ai_worker.images.validate import normalize_image
 from ai_worker.llm.history import CallContext, MemoryRecorder
+from ai_worker.llm.retrying import NO_RETRY
 
 CALL = CallContext(task_id="t-1", world_id="w-1", request_type="generate_world_image", attempt=1)
 
@@ -202,7 +203,7 @@ async def test_service_records_failure_with_status_and_cost() -> None:
         return httpx.Response(200, json=image_response(make_image(64, 64), cost=0.039))
 
     recorder = MemoryRecorder()
-    service = ImageService(provider_with(handler), max_concurrency=1, recorder=recorder)
+    service = ImageService(provider_with(handler), max_concurrency=1, recorder=recorder, retry=NO_RETRY)
     with pytest.raises(ProviderUnavailable):
         await service.generate("x", 64, 64, CALL)
     await service.generate("x", 64, 64, CALL)

@@ -17,6 +17,7 @@ from ai_worker.errors import (
 )
 from ai_worker.llm.client import LLMClient, LLMUsage, Prompt, strip_fences
 from ai_worker.llm.history import CallContext, MemoryRecorder
+from ai_worker.llm.retrying import NO_RETRY, ProviderRetry
 
 CALL = CallContext(task_id="task-1", world_id="world-1", request_type="post", attempt=2)
 PROMPT = Prompt(system="You write posts.", user="Write one post.")
@@ -50,6 +51,7 @@ def make_client(
     max_concurrency: int = 4,
     api_key: str | None = SECRET,
     overrides: dict[str, str] | None = None,
+    retry: ProviderRetry = NO_RETRY,
 ) -> LLMClient:
     http = httpx.AsyncClient(transport=httpx.MockTransport(handler))
     return LLMClient(
@@ -63,6 +65,7 @@ def make_client(
         send_openrouter_extras=extras,
         recorder=recorder,
         http=http,
+        retry=retry,
     )
 
 

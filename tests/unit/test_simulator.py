@@ -13,6 +13,7 @@ from ai_worker.errors import InvalidOutput, ProviderTimeout, ProviderUnavailable
 from ai_worker.images.openrouter import OpenRouterImageProvider
 from ai_worker.llm.client import LLMClient, Prompt
 from ai_worker.llm.history import CallContext, MemoryRecorder
+from ai_worker.llm.retrying import NO_RETRY
 
 CALL = CallContext(task_id="t-sim", world_id="w-sim", request_type="character_batch")
 
@@ -38,6 +39,7 @@ def llm(sim: ProviderSimulator, recorder: MemoryRecorder) -> LLMClient:
         max_tokens=4000,
         send_openrouter_extras=False,
         recorder=recorder,
+        retry=NO_RETRY,
     )
 
 
@@ -156,6 +158,7 @@ async def test_hang_is_released_by_client_timeout(sim: ProviderSimulator) -> Non
         max_tokens=100,
         send_openrouter_extras=False,
         recorder=MemoryRecorder(),
+        retry=NO_RETRY,
     )
     with pytest.raises(ProviderTimeout):
         await client.structured(Prompt(system="s", user="u"), PostContent, CALL)

@@ -34,7 +34,7 @@ from PIL import Image, UnidentifiedImageError
 from pymongo import AsyncMongoClient
 from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.asynchronous.database import AsyncDatabase
-from pymongo.errors import DuplicateKeyError
+from pymongo.errors import ConnectionFailure, DuplicateKeyError
 
 from ai_worker.platform.generated import character_pb2, media_pb2, post_pb2, world_pb2
 
@@ -222,7 +222,11 @@ class LocalPlatform:
                     else:
                         self._faults[method] = (code, left - 1)
                     await context.abort(code, f"injected fault on {method}")
-                return await fn(request, context)
+                try:
+                    return await fn(request, context)
+                except ConnectionFailure as exc:  # a database outage is the platform being unavailable
+                    await context.abort(grpc.StatusCode.UNAVAILABLE, f"database unavailable: {exc}")
+                    raise  # abort() raises; this keeps the type checker informed
 
             return grpc.unary_unary_rpc_method_handler(
                 behaviour,

@@ -1,4 +1,8 @@
-"""The image service: one provider behind a semaphore, with a history record per generation attempt."""
+"""The image service: one provider behind a semaphore, with a history record per generation attempt.
+
+Transient failures (429, 5xx, timeouts, an unusable image) are retried inside the call with backoff and
+jitter (`ProviderRetry`, PROVIDER_MAX_RETRIES); every attempt is its own history record, `attempt`
+numbered from 1. The semaphore is not held while waiting to retry."""
 
 from __future__ import annotations
 
@@ -14,6 +18,7 @@ from ai_worker.images.offline import OfflineImageProvider
 from ai_worker.images.openrouter import OpenRouterImageProvider
 from ai_worker.llm.history import ApiRequestRecord, CallContext, Recorder
 from ai_worker.llm.http_errors import status_of
+from ai_worker.llm.retrying import ProviderRetry
 
 if TYPE_CHECKING:
     from ai_worker.config import Settings
@@ -22,12 +27,19 @@ log = structlog.get_logger(__name__)
 
 
 class ImageService:
-    def __init__(self, provider: ImageProvider, max_concurrency: int, recorder: Recorder) -> None:
+    def __init__(
+        self,
+        provider: ImageProvider,
+        max_concurrency: int,
+        recorder: Recorder,
+        retry: ProviderRetry | None = None,
+    ) -> None:
         if max_concurrency < 1:
             raise ValueError("max_concurrency must be at least 1")
         self.provider = provider
         self._semaphore = asyncio.Semaphore(max_concurrency)
         self._recorder = recorder
+        self._retry = retry if retry is not None else ProviderRetry()
 
     @classmethod
     def from_settings(cls, settings: Settings, recorder: Recorder) -> ImageService:
@@ -42,7 +54,7 @@ class ImageService:
                 timeout_s=settings.image_timeout_s,
                 send_openrouter_extras=settings.talks_to_openrouter,
             )
-        return cls(provider, settings.max_concurrent_image_requests, recorder)
+        return cls(provider, settings.max_concurrent_image_requests, recorder, ProviderRetry.from_settings(settings))
 
     async def aclose(self) -> None:
         closer = getattr(self.provider, "aclose", None)
@@ -50,6 +62,17 @@ class ImageService:
             await closer()
 
     async def generate(self, prompt: str, width: int, height: int, call: CallContext) -> GeneratedImage:
+        """Generate one image, retrying transient failures; raises the last error when they run out."""
+        attempt = 0
+        async for retry in self._retry.retrying():
+            with retry:
+                attempt += 1
+                return await self._attempt(prompt, width, height, call, attempt)
+        raise AssertionError("unreachable: tenacity either returns or re-raises")  # pragma: no cover
+
+    async def _attempt(
+        self, prompt: str, width: int, height: int, call: CallContext, attempt: int
+    ) -> GeneratedImage:
         request_data: dict[str, Any] = {
             "prompt": prompt,
             "width": width,
@@ -77,6 +100,7 @@ class ImageService:
                         duration_ms=duration_ms,
                         model=self.provider.model,
                         provider=self.provider.name,
+                        attempt=attempt,
                         task_attempt=call.attempt,
                     )
                 )
@@ -85,6 +109,7 @@ class ImageService:
                     model=self.provider.model,
                     request_type=call.request_type,
                     task_id=call.task_id,
+                    attempt=attempt,
                     error_type=error_type,
                     error=str(exc),
                     duration_ms=duration_ms,
@@ -107,6 +132,7 @@ class ImageService:
                 duration_ms=duration_ms,
                 model=image.model,
                 provider=image.provider,
+                attempt=attempt,
                 task_attempt=call.attempt,
                 cost=image.cost,
             )

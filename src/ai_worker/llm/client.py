@@ -1,9 +1,12 @@
 """OpenAI-compatible chat client for structured output.
 
-One call of `structured` is at most two HTTP attempts: the first answer, and, when that answer is not
-valid JSON for the schema, one repair request that shows the model its reply and the error. Every HTTP
-attempt is recorded (`api_requests_history`), failed ones included. A semaphore bounds the number of
-requests in flight (MAX_CONCURRENT_LLM_REQUESTS).
+One call of `structured` makes up to two requests: the first answer, and, when that answer is not valid
+JSON for the schema, one repair request that shows the model its reply and the error. Each request is
+retried on transient errors (429, 5xx, timeouts) up to PROVIDER_MAX_RETRIES times with backoff and
+jitter (`ProviderRetry`); permanent errors are raised at once. Every HTTP attempt is recorded
+(`api_requests_history`, `attempt` numbered from 1 within the call), failed ones included. A semaphore
+bounds the number of requests in flight (MAX_CONCURRENT_LLM_REQUESTS); it is not held while waiting to
+retry.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from ai_worker.llm.http_errors import (
     error_for_transport,
     status_of,
 )
+from ai_worker.llm.retrying import ProviderRetry
 from ai_worker.llm.schema import strict_json_schema
 
 if TYPE_CHECKING:
@@ -162,6 +166,7 @@ class LLMClient:
         send_openrouter_extras: bool,
         recorder: Recorder,
         http: httpx.AsyncClient | None = None,
+        retry: ProviderRetry | None = None,
     ) -> None:
         if max_concurrency < 1:
             raise ValueError("max_concurrency must be at least 1")
@@ -175,6 +180,7 @@ class LLMClient:
         self._extras = send_openrouter_extras
         self._provider = "openrouter" if send_openrouter_extras else "openai-compatible"
         self._recorder = recorder
+        self._retry = retry if retry is not None else ProviderRetry()
         self._owns_http = http is None
         self._http = http if http is not None else httpx.AsyncClient(timeout=self._timeout)
 
@@ -190,6 +196,7 @@ class LLMClient:
             max_tokens=settings.llm_max_tokens,
             send_openrouter_extras=settings.talks_to_openrouter,
             recorder=recorder,
+            retry=ProviderRetry.from_settings(settings),
         )
 
     def model_for(self, step: str) -> str:
@@ -210,10 +217,11 @@ class LLMClient:
         ]
         log.debug("llm_prompt", model=model, request_type=call.request_type, messages=messages)
 
-        first = await self._attempt(model, messages, schema, call, attempt=1)
+        counter = [0]
+        first = await self._request(model, messages, schema, call, counter)
         usage = first.usage
         if first.value is not None:
-            return LLMResult(value=self._typed(first.value, schema), usage=usage, model=model, calls=1)
+            return LLMResult(value=self._typed(first.value, schema), usage=usage, model=model, calls=counter[0])
 
         log.warning(
             "llm_output_invalid_repairing",
@@ -234,11 +242,26 @@ class LLMClient:
                 ),
             }
         )
-        second = await self._attempt(model, repair, schema, call, attempt=2)
+        second = await self._request(model, repair, schema, call, counter)
         usage = usage + second.usage
         if second.value is not None:
-            return LLMResult(value=self._typed(second.value, schema), usage=usage, model=model, calls=2)
+            return LLMResult(value=self._typed(second.value, schema), usage=usage, model=model, calls=counter[0])
         raise InvalidOutput(f"{schema.__name__} output still invalid after repair: {second.problem}")
+
+    async def _request(
+        self,
+        model: str,
+        messages: list[dict[str, str]],
+        schema: type[BaseModel],
+        call: CallContext,
+        counter: list[int],
+    ) -> _Attempt:
+        """One request with in-call retries of transient errors; `counter` numbers the HTTP attempts."""
+        async for retry in self._retry.retrying():
+            with retry:
+                counter[0] += 1
+                return await self._attempt(model, messages, schema, call, attempt=counter[0])
+        raise AssertionError("unreachable: tenacity either returns or re-raises")  # pragma: no cover
 
     @staticmethod
     def _typed(value: BaseModel, schema: type[T]) -> T:

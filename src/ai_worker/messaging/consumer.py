@@ -5,7 +5,11 @@
   polling, so the group membership stays alive) and resumed when a slot frees; nothing is rejected.
 - A message that cannot be parsed, has an unknown event type, or names a missing task is sent to the
   dead-letter topic with the reason in its headers, then committed. Nothing stops the loop.
-- On partitions revoked and on shutdown: stop dispatching, wait a bounded time, commit what finished."""
+- On partitions revoked and on shutdown: stop dispatching, wait a bounded time, commit what finished; on
+  shutdown, what did not finish is cancelled (and awaited, so nothing runs on after the clients close) and
+  left uncommitted, to be redelivered.
+- Every line logged while a message is handled carries `kafka_partition` and `kafka_offset`, so a skip or a
+  failure can be traced to the message that caused it."""
 
 from __future__ import annotations
 
@@ -25,6 +29,7 @@ log = structlog.get_logger(__name__)
 
 Handler = Callable[[TaskEvent], Awaitable[None]]
 COMMIT_INTERVAL_S = 0.5
+CANCEL_WAIT_S = 2.0
 
 
 class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
@@ -101,9 +106,18 @@ class TaskConsumer:
                 await self._commit(force=False)
         finally:
             await self._drain(list(self._tasks), "shutdown")
-            for tasks in self._tasks.values():
-                for task in tasks:
-                    task.cancel()
+            await self._cancel_unfinished()
+
+    async def _cancel_unfinished(self) -> None:
+        """Cancel the tasks the drain left behind and wait (briefly) until they have unwound."""
+        leftover = [t for tasks in self._tasks.values() for t in tasks if not t.done()]
+        if not leftover:
+            return
+        for task in leftover:
+            task.cancel()
+        _, still = await asyncio.wait(leftover, timeout=CANCEL_WAIT_S)
+        if still:
+            log.warning("in-flight tasks did not stop after cancellation", unfinished=len(still))
 
     # --- dispatch -----------------------------------------------------------------------------------------
     def _apply_backpressure(self) -> None:
@@ -132,6 +146,8 @@ class TaskConsumer:
         task.add_done_callback(done)
 
     async def _process(self, tp: TopicPartition, msg: Any) -> None:
+        # Each message runs in its own asyncio task (its own contextvars copy): bind where it came from.
+        structlog.contextvars.bind_contextvars(kafka_partition=tp.partition, kafka_offset=msg.offset)
         where = {"partition": tp.partition, "offset": msg.offset}
         try:
             event = parse_task_event(msg.value)

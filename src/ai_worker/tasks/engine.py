@@ -25,6 +25,7 @@ from ai_worker.tasks.retry import RetryPolicy
 from ai_worker.tasks.store import TaskStore
 
 log = structlog.get_logger(__name__)
+_TERMINAL_VALUES = frozenset(s.value for s in TERMINAL)
 
 
 class Publisher(Protocol):
@@ -101,6 +102,15 @@ class Engine:
     async def _run_claimed(self, task: TaskDoc) -> None:
         if task.type == TaskType.INIT_WORLD_CREATION:
             await self.progress.open_world(task)
+        else:
+            world = await self.progress.get(task.world_id)
+            if world is not None and world.get("status") == "failed":
+                # The world was cancelled (or failed) while this task waited: it must not add content.
+                reason = f"world is failed: {world.get('failure_reason') or 'a world-level step failed'}"
+                if await self.store.cancel_claimed(task, self.worker_id, reason):
+                    log.info("task cancelled: its world already failed", reason=reason)
+                    await self._refresh(task.world_id)
+                return
         log.info("task started")
         lost = asyncio.Event()
         heartbeat = asyncio.create_task(self._heartbeat(task, lost))
@@ -184,6 +194,9 @@ class Engine:
     # --- helpers ------------------------------------------------------------------------------------------
     async def _refresh(self, world_id: str) -> None:
         counts = await self.store.counts_by_type_status(world_id)
+        if counts and all(status in _TERMINAL_VALUES for (_, status) in counts):
+            # Nothing can be in flight any more: make the call counters exact before the world finishes.
+            await self.store.sync_call_counters(world_id)
         finished = await self.progress.refresh(world_id, counts)
         if finished:
             log.info("world finished", world_id=world_id, status=finished)

@@ -71,19 +71,37 @@ class Reconciler:
                 log.warning("topics were missing and have been re-created", topics=created)
         stale = now - timedelta(seconds=self._interval_s)
         republished = 0
+        failed = 0
         for task in await self._store.due_pending(now, stale, BATCH):
-            await self._publisher.publish_task(task.id, task.type, task.world_id)
-            await self._store.touch(task.id)
-            republished += 1
+            if await self._republish(task.id, task.type, task.world_id):
+                await self._store.touch(task.id)
+                republished += 1
+            else:
+                failed += 1
         expired = 0
         for task in await self._store.expired_leases(now, BATCH):
-            await self._publisher.publish_task(task.id, task.type, task.world_id)
-            expired += 1
+            if await self._republish(task.id, task.type, task.world_id):
+                expired += 1
+            else:
+                failed += 1
         finished = 0
         async for world in self._worlds.find({"status": "in_progress", "updated_at": {"$lt": stale}},
                                              {"_id": 1}, limit=BATCH):
             await self._engine.refresh_world(str(world["_id"]))
             finished += 1
-        if republished or expired:
-            log.info("reconciled", republished=republished, expired_leases=expired, worlds_checked=finished)
-        return {"republished": republished, "expired_leases": expired, "worlds_checked": finished}
+        if republished or expired or failed:
+            log.info("reconciled", republished=republished, expired_leases=expired, worlds_checked=finished,
+                     publish_failed=failed)
+        return {"republished": republished, "expired_leases": expired, "worlds_checked": finished,
+                "publish_failed": failed}
+
+    async def _republish(self, task_id: str, task_type: str, world_id: str) -> bool:
+        """One failed publish (e.g. a broker that just came back empty) must not abort the whole pass:
+        the task stays due and is tried again next pass."""
+        try:
+            await self._publisher.publish_task(task_id, task_type, world_id)
+            return True
+        except Exception as exc:
+            log.warning("republish failed; will try again next pass", task_id=task_id, error=str(exc),
+                        error_type=type(exc).__name__)
+            return False

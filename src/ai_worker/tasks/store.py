@@ -17,6 +17,8 @@ from ai_worker.tasks.model import TaskDoc, TaskStatus
 log = structlog.get_logger(__name__)
 
 TASKS = "tasks"
+HISTORY = "api_requests_history"
+WORLD_STATUS = "world_generation_status"
 DUPLICATE_KEY = 11000
 
 
@@ -143,6 +145,15 @@ class TaskStore:
         )
         return bool(res.matched_count)
 
+    async def cancel_claimed(self, task: TaskDoc, worker_id: str, reason: str) -> bool:
+        now = utcnow()
+        res = await self._tasks.update_one(
+            self._owned(task, worker_id),
+            {"$set": {"status": TaskStatus.CANCELLED.value, "error": reason, "lease_until": None,
+                      "updated_at": now, **self._finish_attempt(task, "cancelled", now)}},
+        )
+        return bool(res.matched_count)
+
     async def fail_unclaimed(self, task_id: str, error: str, error_type: str) -> bool:
         """Fail a task nobody can run (e.g. an unknown type) straight from pending."""
         res = await self._tasks.update_one(
@@ -202,6 +213,29 @@ class TaskStore:
             {"$set": {"status": TaskStatus.CANCELLED.value, "error": reason, "updated_at": utcnow()}},
         )
         return int(res.modified_count)
+
+    async def sync_call_counters(self, world_id: str) -> None:
+        """Set the world's call counters and cost totals to what `api_requests_history` holds (the truth).
+
+        Call only when every task of the world is terminal (no call can be in flight): the recorder writes
+        the history document and then `$inc`s the counters, so a crash or a database outage between the two
+        leaves the counters short; this repairs them before the world is marked finished."""
+        db = self._tasks.database
+        pipeline = [
+            {"$match": {"world_id": world_id, "api_type": {"$in": ["llm", "image_generation"]}}},
+            {"$group": {"_id": "$api_type", "n": {"$sum": 1}, "cost": {"$sum": "$cost"}}},
+        ]
+        totals: dict[str, tuple[int, float]] = {}
+        cursor = await db[HISTORY].aggregate(pipeline)
+        async for row in cursor:
+            totals[str(row["_id"])] = (int(row["n"]), float(row["cost"] or 0.0))
+        llm_n, llm_cost = totals.get("llm", (0, 0.0))
+        img_n, img_cost = totals.get("image_generation", (0, 0.0))
+        await db[WORLD_STATUS].update_one(
+            {"_id": world_id, "status": {"$in": ["pending", "in_progress"]}},
+            {"$set": {"api_calls_made_LLM": llm_n, "llm_cost_total": llm_cost,
+                      "api_calls_made_images": img_n, "image_cost_total": img_cost}},
+        )
 
     async def counts_by_type_status(self, world_id: str) -> dict[tuple[str, str], int]:
         pipeline = [
