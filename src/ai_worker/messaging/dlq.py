@@ -1,6 +1,6 @@
 """Operator tools for the dead-letter topic: list what is there, replay it onto the tasks topic.
 
-Replay reads the DLQ with its own consumer group (so a message is replayed once per group), strips the
+Replay reads the DLQ under its own group id (so a message is replayed once per group), strips the
 `x-dlq-*` headers and re-publishes the original bytes and key; the worker then handles them again (a
 message that is still bad simply returns to the DLQ)."""
 
@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 DLQ_HEADER_PREFIX = "x-dlq-"
 
@@ -39,18 +39,32 @@ def _to_dead_letter(msg: object) -> DeadLetter:
 
 
 async def read_dead_letters(bootstrap: Sequence[str], dlq_topic: str, group_id: str | None, limit: int,
-                            idle_s: float = 3.0) -> tuple[AIOKafkaConsumer, list[DeadLetter]]:
-    consumer = AIOKafkaConsumer(dlq_topic, bootstrap_servers=list(bootstrap), group_id=group_id,
-                                enable_auto_commit=False, auto_offset_reset="earliest")
+                            idle_s: float = 1.5) -> tuple[AIOKafkaConsumer, list[DeadLetter]]:
+    """Read up to `limit` dead letters, from the group's committed position (or the start) of every
+    partition. Partitions are assigned, not subscribed: no group join, so no rebalance waits; the group
+    id only names where replay positions are committed."""
+    consumer = AIOKafkaConsumer(bootstrap_servers=list(bootstrap), group_id=group_id, enable_auto_commit=False,
+                                auto_offset_reset="earliest")
     await consumer.start()
+    await consumer.topics()  # fetch metadata
+    tps = [TopicPartition(dlq_topic, p) for p in sorted(consumer.partitions_for_topic(dlq_topic) or ())]
     out: list[DeadLetter] = []
-    empty_polls = 0
-    while len(out) < limit and empty_polls * 0.5 < idle_s:
+    if not tps:
+        return consumer, out
+    consumer.assign(tps)
+    for tp in tps:
+        committed = await consumer.committed(tp) if group_id else None
+        if committed is None:
+            await consumer.seek_to_beginning(tp)
+        else:
+            consumer.seek(tp, committed)
+    idle_polls = 0
+    while len(out) < limit and idle_polls * 0.5 < idle_s:
         batch = await consumer.getmany(timeout_ms=500, max_records=limit - len(out))
         if not batch:
-            empty_polls += 1
+            idle_polls += 1
             continue
-        empty_polls = 0
+        idle_polls = 0
         for msgs in batch.values():
             out.extend(_to_dead_letter(m) for m in msgs)
     return consumer, out
@@ -66,7 +80,11 @@ async def replay(bootstrap: Sequence[str], dlq_topic: str, tasks_topic: str, gro
             headers = [(k, v) for k, v in letter.headers if not k.startswith(DLQ_HEADER_PREFIX)]
             await producer.send_and_wait(tasks_topic, letter.value, key=letter.key, headers=headers or None)
         if letters:
-            await consumer.commit()  # the group's position after what was replayed
+            last: dict[TopicPartition, int] = {}
+            for letter in letters:
+                tp = TopicPartition(dlq_topic, letter.partition)
+                last[tp] = max(last.get(tp, -1), letter.offset + 1)
+            await consumer.commit(last)  # the group's position after what was replayed
     finally:
         await producer.stop()
         await consumer.stop()

@@ -30,6 +30,10 @@ class TaskStore:
         await self._tasks.create_index([("world_id", ASCENDING), ("type", ASCENDING), ("status", ASCENDING)])
         await self._tasks.create_index([("status", ASCENDING), ("not_before", ASCENDING)])
         await self._tasks.create_index([("status", ASCENDING), ("lease_until", ASCENDING)])
+        # The engine's other queries: the reconciler's scan of unfinished worlds, the call recount.
+        db = self._tasks.database
+        await db[WORLD_STATUS].create_index([("status", ASCENDING), ("updated_at", ASCENDING)])
+        await db[HISTORY].create_index([("world_id", ASCENDING), ("api_type", ASCENDING)])
 
     async def get(self, task_id: str) -> TaskDoc | None:
         doc = await self._tasks.find_one({"_id": task_id})
