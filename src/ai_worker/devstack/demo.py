@@ -72,7 +72,8 @@ async def wait_for_world(mongo_uri: str, world_id: str, timeout_s: float,
         await client.close()
 
 
-async def _summary(info: StackInfo, world_id: str, status: dict[str, Any], console: Console) -> None:
+async def _summary(info: StackInfo, world_id: str, status: dict[str, Any], console: Console,
+                   temporary: bool) -> None:
     client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(info.mongo_uri)
     try:
         params = await client[WORKER_DB]["world_parameters"].find_one({"_id": world_id}) or {}
@@ -96,8 +97,11 @@ async def _summary(info: StackInfo, world_id: str, status: dict[str, Any], conso
         console.print(f"[bold]post[/] {p.get('caption', '')[:200]}  [dim]{tags}[/]")
     console.print(render_status(status))
     console.print(f"posts in the platform: {n_posts}")
-    console.print(f"data: {info.data_dir}")
-    console.print(f"inspect: mongosh '{info.mongo_uri}' --eval "
+    if temporary:
+        console.print(f"data: {info.data_dir} (temporary: removed on exit; keep it with --data-dir or --keep)")
+    else:
+        console.print(f"data: {info.data_dir}")
+    console.print(f"inspect (while the stack runs, e.g. with --keep): mongosh '{info.mongo_uri}' --eval "
                   f"'db.getSiblingDB(\"{WORKER_DB}\").world_generation_status.findOne({{_id: \"{world_id}\"}})'")
 
 
@@ -139,7 +143,7 @@ async def run_demo(*, prompt: str, users: int, posts: int, data_dir: Path | None
                                 total=max(doc.get("tasks_total", 0), doc.get("task_predicted", 0)) or None)
 
             status = await wait_for_world(info.mongo_uri, world_id, timeout_s, update, worker)
-        await _summary(info, world_id, status, console)
+        await _summary(info, world_id, status, console, temporary=temp and not keep)
         code = 0 if status.get("status") == "completed" else 1
         if code:
             console.print(f"[bold red]world {status.get('status')}[/]; worker log: {root / 'logs' / 'worker.log'}")
