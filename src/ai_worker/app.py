@@ -17,6 +17,7 @@ from ai_worker.images.service import ImageService
 from ai_worker.images.upload import MediaUploader
 from ai_worker.jobs import build_registry
 from ai_worker.jobs.common import MongoWorldStore
+from ai_worker.llm.budget import MongoBudget
 from ai_worker.llm.client import LLMClient
 from ai_worker.llm.history import MongoRecorder
 from ai_worker.messaging.admin import ensure_topics
@@ -75,8 +76,9 @@ async def run_worker(settings: Settings, stop: asyncio.Event | None = None) -> N
     )
     await producer.start()
     platform = PlatformClients.from_settings(settings, recorder)
-    llm = LLMClient.from_settings(settings, recorder)
-    images = ImageService.from_settings(settings, recorder)
+    budget = MongoBudget(db, daily_cap_usd=settings.daily_budget_usd)
+    llm = LLMClient.from_settings(settings, recorder, budget)
+    images = ImageService.from_settings(settings, recorder, budget)
     upload_http = httpx.AsyncClient(timeout=httpx.Timeout(settings.upload_timeout_s, connect=10))
     services = Services(
         llm=llm, images=images, media=MediaUploader(platform.media, upload_http, recorder), platform=platform,
@@ -84,7 +86,8 @@ async def run_worker(settings: Settings, stop: asyncio.Event | None = None) -> N
     )
     policy = RetryPolicy(base_delay_s=settings.retry_base_delay_s, max_delay_s=settings.retry_max_delay_s,
                          max_attempts_overrides=settings.task_max_attempts)
-    engine = Engine(store=store, progress=WorldProgress(db), registry=build_registry(), services=services,
+    progress = WorldProgress(db, default_budget_usd=settings.world_budget_usd)
+    engine = Engine(store=store, progress=progress, registry=build_registry(), services=services,
                     publisher=producer, worker_id=settings.worker_id, lease_s=settings.task_lease_s, policy=policy)
     consumer = TaskConsumer(
         bootstrap=settings.kafka_bootstrap, topic=settings.kafka_topic_tasks, group_id=settings.kafka_group_id,

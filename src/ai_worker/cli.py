@@ -49,6 +49,8 @@ def send(
     mongo: Annotated[str | None, typer.Option(help="MongoDB URI (default: MONGODB_URI or localhost)")] = None,
     database: Annotated[str | None, typer.Option(help="default: MONGODB_DATABASE or generia_ai_worker")] = None,
     topic: Annotated[str | None, typer.Option(help="default: KAFKA_TOPIC_TASKS or generia-tasks")] = None,
+    budget_usd: Annotated[float | None, typer.Option(min=0, help="Money cap of this world (default: the worker's "
+                                                                  "WORLD_BUDGET_USD)")] = None,
 ) -> None:
     """Start a world as the platform does: insert the init task in MongoDB and publish its event."""
     from ai_worker.client import send_world
@@ -58,8 +60,9 @@ def send(
     database = database or os.environ.get("MONGODB_DATABASE", "generia_ai_worker")
     topic = topic or os.environ.get("KAFKA_TOPIC_TASKS", "generia-tasks")
     try:
+        extra = {"budget_usd": budget_usd} if budget_usd is not None else None
         world_id, task_id = asyncio.run(send_world(kafka=kafka, mongo_uri=mongo, database=database, topic=topic,
-                                                   prompt=prompt, users=users, posts=posts))
+                                                   prompt=prompt, users=users, posts=posts, extra=extra))
     except Exception as exc:
         err_console.print(f"[bold red]could not start the world[/]: {type(exc).__name__}: {exc}")
         raise typer.Exit(1) from None

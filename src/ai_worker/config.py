@@ -63,6 +63,13 @@ class Settings(BaseSettings):
     llm_max_tokens: int = Field(8000, alias="LLM_MAX_TOKENS", gt=0)
     max_concurrent_llm_requests: int = Field(8, alias="MAX_CONCURRENT_LLM_REQUESTS", ge=1)
 
+    # --- budgets (reserved before every paid call) --------------------------------------------------
+    world_budget_usd: float = Field(25.0, alias="WORLD_BUDGET_USD", ge=0)
+    daily_budget_usd: float = Field(0.0, alias="DAILY_BUDGET_USD", ge=0)
+    llm_price_in_per_mtok: float = Field(0.30, alias="LLM_PRICE_IN_PER_MTOK", ge=0)
+    llm_price_out_per_mtok: float = Field(2.50, alias="LLM_PRICE_OUT_PER_MTOK", ge=0)
+    image_price_usd: float = Field(0.04, alias="IMAGE_PRICE_USD", ge=0)
+
     # --- images --------------------------------------------------------------------------------
     image_provider: Literal["openrouter", "offline"] = Field("openrouter", alias="IMAGE_PROVIDER")
     image_model: str = Field("google/gemini-2.5-flash-image", alias="IMAGE_MODEL")

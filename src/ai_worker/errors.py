@@ -87,3 +87,9 @@ class PlatformRejected(PermanentError):
 
 class UploadFailed(RetryableError):
     error_type = "upload_failed"
+
+
+class BudgetExceeded(PermanentError):
+    """A world's money cap or call limit, or the daily cap, would be exceeded: the call is not made."""
+
+    error_type = "budget_exceeded"

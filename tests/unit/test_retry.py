@@ -31,6 +31,7 @@ PERMANENT: dict[type[errors.WorkerError], str] = {
     errors.TaskCancelled: "cancelled",
     errors.ProviderRejected: "provider_rejected",
     errors.PlatformRejected: "platform_rejected",
+    errors.BudgetExceeded: "budget_exceeded",
 }
 
 

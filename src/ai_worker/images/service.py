@@ -7,6 +7,7 @@ numbered from 1. The semaphore is not held while waiting to retry."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -16,6 +17,7 @@ from ai_worker.errors import WorkerError
 from ai_worker.images.base import GeneratedImage, ImageProvider
 from ai_worker.images.offline import OfflineImageProvider
 from ai_worker.images.openrouter import OpenRouterImageProvider
+from ai_worker.llm.budget import CallBudget, Unlimited
 from ai_worker.llm.history import ApiRequestRecord, CallContext, Recorder
 from ai_worker.llm.http_errors import status_of
 from ai_worker.llm.retrying import ProviderRetry
@@ -33,16 +35,20 @@ class ImageService:
         max_concurrency: int,
         recorder: Recorder,
         retry: ProviderRetry | None = None,
+        budget: CallBudget | None = None,
+        price_usd: float = 0.0,
     ) -> None:
         if max_concurrency < 1:
             raise ValueError("max_concurrency must be at least 1")
+        self._budget: CallBudget = budget if budget is not None else Unlimited()
+        self._price = 0.0 if provider.name == "offline" else price_usd
         self.provider = provider
         self._semaphore = asyncio.Semaphore(max_concurrency)
         self._recorder = recorder
         self._retry = retry if retry is not None else ProviderRetry()
 
     @classmethod
-    def from_settings(cls, settings: Settings, recorder: Recorder) -> ImageService:
+    def from_settings(cls, settings: Settings, recorder: Recorder, budget: CallBudget | None = None) -> ImageService:
         provider: ImageProvider
         if settings.image_provider == "offline":
             provider = OfflineImageProvider()
@@ -54,7 +60,8 @@ class ImageService:
                 timeout_s=settings.image_timeout_s,
                 send_openrouter_extras=settings.talks_to_openrouter,
             )
-        return cls(provider, settings.max_concurrent_image_requests, recorder, ProviderRetry.from_settings(settings))
+        return cls(provider, settings.max_concurrent_image_requests, recorder, ProviderRetry.from_settings(settings),
+                   budget=budget, price_usd=settings.image_price_usd)
 
     async def aclose(self) -> None:
         closer = getattr(self.provider, "aclose", None)
@@ -67,8 +74,22 @@ class ImageService:
         async for retry in self._retry.retrying():
             with retry:
                 attempt += 1
-                return await self._attempt(prompt, width, height, call, attempt)
+                return await self._paid_attempt(prompt, width, height, call, attempt)
         raise AssertionError("unreachable: tenacity either returns or re-raises")  # pragma: no cover
+
+    async def _paid_attempt(
+        self, prompt: str, width: int, height: int, call: CallContext, attempt: int
+    ) -> GeneratedImage:
+        """Reserve the image price against the budgets, generate, settle to the real cost (refunded on
+        failure)."""
+        reservation = await self._budget.reserve(call, "image", self._price)
+        spent = 0.0
+        try:
+            image = await self._attempt(prompt, width, height, call, attempt)
+            spent = image.cost
+            return image
+        finally:
+            await self._budget.settle(reservation, spent)
 
     async def _attempt(
         self, prompt: str, width: int, height: int, call: CallContext, attempt: int
@@ -83,6 +104,8 @@ class ImageService:
             started = time.monotonic()
             try:
                 image = await self.provider.generate(prompt, width, height)
+                if image.cost == 0 and self._price:  # no cost from the provider: use the configured price
+                    image = dataclasses.replace(image, cost=self._price)
             except Exception as exc:
                 error_type = exc.error_type if isinstance(exc, WorkerError) else "unexpected"
                 duration_ms = int((time.monotonic() - started) * 1000)

@@ -24,6 +24,7 @@ import structlog
 from pydantic import BaseModel, ValidationError
 
 from ai_worker.errors import InvalidOutput, WorkerError
+from ai_worker.llm.budget import CallBudget, Unlimited
 from ai_worker.llm.history import ApiRequestRecord, CallContext, Recorder
 from ai_worker.llm.http_errors import (
     attach_status,
@@ -167,9 +168,15 @@ class LLMClient:
         recorder: Recorder,
         http: httpx.AsyncClient | None = None,
         retry: ProviderRetry | None = None,
+        budget: CallBudget | None = None,
+        price_in_per_mtok: float = 0.0,
+        price_out_per_mtok: float = 0.0,
     ) -> None:
         if max_concurrency < 1:
             raise ValueError("max_concurrency must be at least 1")
+        self._budget: CallBudget = budget if budget is not None else Unlimited()
+        self._price_in = price_in_per_mtok / 1e6
+        self._price_out = price_out_per_mtok / 1e6
         self._url = base_url.rstrip("/") + "/chat/completions"
         self._api_key = api_key
         self._default_model = default_model
@@ -185,7 +192,7 @@ class LLMClient:
         self._http = http if http is not None else httpx.AsyncClient(timeout=self._timeout)
 
     @classmethod
-    def from_settings(cls, settings: Settings, recorder: Recorder) -> LLMClient:
+    def from_settings(cls, settings: Settings, recorder: Recorder, budget: CallBudget | None = None) -> LLMClient:
         return cls(
             base_url=settings.llm_base_url,
             api_key=settings.openrouter_api_key,
@@ -197,6 +204,9 @@ class LLMClient:
             send_openrouter_extras=settings.talks_to_openrouter,
             recorder=recorder,
             retry=ProviderRetry.from_settings(settings),
+            budget=budget,
+            price_in_per_mtok=settings.llm_price_in_per_mtok,
+            price_out_per_mtok=settings.llm_price_out_per_mtok,
         )
 
     def model_for(self, step: str) -> str:
@@ -309,7 +319,33 @@ class LLMClient:
             detail = _describe_validation_error(exc)[:_MAX_ERROR_IN_REPAIR]
             return None, f"the JSON does not match the schema ({detail})"
 
+    def max_cost(self, messages: list[dict[str, str]]) -> float:
+        """The most one request can cost: prompt (over-estimated at 3 characters a token) x input price
+        + max tokens x output price. Reserved against the budgets before the request."""
+        prompt_tokens = sum(len(m.get("content", "")) for m in messages) / 3 + 16 * len(messages)
+        return prompt_tokens * self._price_in + self._max_tokens * self._price_out
+
     async def _attempt(
+        self,
+        model: str,
+        messages: list[dict[str, str]],
+        schema: type[BaseModel],
+        call: CallContext,
+        *,
+        attempt: int,
+    ) -> _Attempt:
+        """One paid request: reserve its maximum cost, make it, settle to the real cost (a failed request
+        is refunded: providers do not bill errors)."""
+        reservation = await self._budget.reserve(call, "llm", self.max_cost(messages))
+        spent = 0.0
+        try:
+            result = await self._attempt_unbudgeted(model, messages, schema, call, attempt=attempt)
+            spent = result.usage.cost
+            return result
+        finally:
+            await self._budget.settle(reservation, spent)
+
+    async def _attempt_unbudgeted(
         self,
         model: str,
         messages: list[dict[str, str]],
@@ -348,6 +384,8 @@ class LLMClient:
                 raise http_error
             body = decode_json_body(response)
             usage = LLMUsage.from_response(body)
+            if usage.cost == 0 and usage.total_tokens:  # no cost from the provider: price it ourselves
+                usage.cost = usage.prompt_tokens * self._price_in + usage.completion_tokens * self._price_out
             body_error = error_for_body(body, status_code)
             if body_error is not None:
                 raise body_error

@@ -14,7 +14,7 @@ from typing import Any, Protocol
 import structlog
 from pydantic import ValidationError
 
-from ai_worker.errors import InvalidParameters, UnknownTaskType, WorkerError
+from ai_worker.errors import BudgetExceeded, InvalidParameters, UnknownTaskType, WorkerError
 from ai_worker.messaging.events import BadMessage, EventType, TaskEvent, TaskType, utcnow
 from ai_worker.observability.logging import task_log_context
 from ai_worker.tasks.context import JobContext, LeaseLost, Services
@@ -168,6 +168,8 @@ class Engine:
             if not await self.store.fail(task, self.worker_id, message, decision.error_type):
                 log.warning("lost the lease before failing the task")
                 return
+            if decision.error_type == BudgetExceeded.error_type:
+                await self.progress.mark_budget_exceeded(task.world_id, message)
             log.error("task failed", error_type=decision.error_type, error=message,
                       retryable=decision.retryable, max_attempts=max_attempts,
                       exc_info=not isinstance(exc, WorkerError | ValidationError))

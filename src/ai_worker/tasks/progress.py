@@ -78,9 +78,20 @@ def _int_param(params: dict[str, Any], key: str, default: int) -> int:
         return default
 
 
+def _headroom(predicted_calls: int) -> int:
+    """Call limit of a world that sets none: room for retries (every attempt is a call), so a default world
+    is never starved by a flaky provider; the money cap (WORLD_BUDGET_USD) is the real bound."""
+    return 3 * predicted_calls + 20
+
+
+def _money(value: Any) -> float | None:
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+
+
 class WorldProgress:
-    def __init__(self, db: Any) -> None:
+    def __init__(self, db: Any, *, default_budget_usd: float | None = None) -> None:
         self._worlds = db[WORLD_STATUS]
+        self._default_budget = default_budget_usd
 
     async def get(self, world_id: str) -> dict[str, Any] | None:
         doc: dict[str, Any] | None = await self._worlds.find_one({"_id": world_id})
@@ -93,6 +104,7 @@ class WorldProgress:
         now = utcnow()
         llm_limit = params.get("api_call_limits_llm")
         img_limit = params.get("api_call_limits_images")
+        budget = params.get("budget_usd", self._default_budget)
         doc = {
             "status": "in_progress",
             "current_stage": STAGES[0],
@@ -105,12 +117,17 @@ class WorldProgress:
             "posts_created": 0,
             "users_predicted": plan.users,
             "posts_predicted": plan.posts,
-            "api_call_limits_LLM": int(llm_limit) if isinstance(llm_limit, int) else 2 * plan.predicted_llm_calls(),
-            "api_call_limits_images": int(img_limit) if isinstance(img_limit, int) else 2 * plan.predicted_images(),
+            "api_call_limits_LLM": llm_limit if isinstance(llm_limit, int) else _headroom(plan.predicted_llm_calls()),
+            "api_call_limits_images": img_limit if isinstance(img_limit, int) else _headroom(plan.predicted_images()),
             "api_calls_made_LLM": 0,
             "api_calls_made_images": 0,
             "llm_cost_total": 0.0,
             "image_cost_total": 0.0,
+            # ours: the money cap and the ledger of reservations (llm.budget)
+            "budget_usd": _money(budget),
+            "budget_committed_usd": 0.0,
+            "api_calls_reserved_LLM": 0,
+            "api_calls_reserved_images": 0,
             "parameters": {
                 "users_count": plan.users,
                 "posts_count": plan.posts,
@@ -194,12 +211,26 @@ class WorldProgress:
         await self._worlds.update_one({"_id": world_id}, update, array_filters=filters or None)
         if finished is None:
             return None
+        live = {"$in": ["pending", "in_progress"]}
+        ending = {"current_stage": "finishing", "updated_at": now, "finished_at": now}
+        if finished == "completed":
+            res = await self._worlds.update_one(
+                {"_id": world_id, "status": live, "budget_exceeded": {"$ne": True}},
+                {"$set": {"status": "completed", **ending}})
+            if res.modified_count:
+                return "completed"
         res = await self._worlds.update_one(
+            {"_id": world_id, "status": live},
+            {"$set": {"status": "failed", **ending}})
+        return "failed" if res.modified_count else None
+
+    async def mark_budget_exceeded(self, world_id: str, reason: str) -> None:
+        """A paid call was refused by the budget: the world will end `failed` with `budget_exceeded`
+        once its remaining tasks are terminal (they finish what they can without paying more)."""
+        await self._worlds.update_one(
             {"_id": world_id, "status": {"$in": ["pending", "in_progress"]}},
-            {"$set": {"status": finished, "current_stage": "finishing", "updated_at": now,
-                      "finished_at": now}},
-        )
-        return finished if res.modified_count else None
+            {"$set": {"budget_exceeded": True, "failure_reason": "budget_exceeded", "budget_detail": reason,
+                      "updated_at": utcnow()}})
 
     async def fail_world(self, world_id: str, reason: str) -> bool:
         res = await self._worlds.update_one(

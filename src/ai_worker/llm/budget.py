@@ -1,0 +1,139 @@
+"""Budgets reserved before the call (ARCHITECTURE.md, "Bounded cost").
+
+Before every paid provider call the caller reserves the call's estimated MAXIMUM cost (prompt tokens x
+input price + max tokens x output price, or the image price) and one call against the world's call limit,
+with one atomic conditional update that fails when it would pass the cap; after the call it settles the
+reservation to the real cost. Several worker processes share the ledger, so concurrent reservations never
+overshoot: the condition and the increment are one MongoDB operation.
+
+Per world the ledger lives on `world_generation_status` (fields we add: `budget_usd`,
+`budget_committed_usd` = reserved + spent, `api_calls_reserved_LLM`, `api_calls_reserved_images`); the
+global daily cap lives in `budgets` (`_id` "daily:YYYY-MM-DD", `committed_usd`)."""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, Literal, Protocol
+
+import structlog
+from pymongo.errors import DuplicateKeyError
+
+from ai_worker.errors import BudgetExceeded
+from ai_worker.llm.history import WORLD_STATUS_COLLECTION, CallContext
+
+log = structlog.get_logger(__name__)
+
+Kind = Literal["llm", "image"]
+BUDGETS_COLLECTION = "budgets"
+_CALLS = {"llm": ("api_calls_reserved_LLM", "api_call_limits_LLM"),
+          "image": ("api_calls_reserved_images", "api_call_limits_images")}
+_LIVE = ["pending", "in_progress"]
+
+
+@dataclass
+class Reservation:
+    world_id: str | None
+    day: str | None
+    amount: float
+
+
+class CallBudget(Protocol):
+    async def reserve(self, call: CallContext, kind: Kind, max_cost: float) -> Reservation: ...
+    async def settle(self, reservation: Reservation, actual_cost: float) -> None: ...
+
+
+class Unlimited:
+    """No ledger (unit tests, tools): every reservation succeeds."""
+
+    async def reserve(self, call: CallContext, kind: Kind, max_cost: float) -> Reservation:
+        return Reservation(world_id=None, day=None, amount=max_cost)
+
+    async def settle(self, reservation: Reservation, actual_cost: float) -> None:
+        return None
+
+
+class MongoBudget:
+    def __init__(self, db: Any, *, daily_cap_usd: float) -> None:
+        self._worlds = db[WORLD_STATUS_COLLECTION]
+        self._budgets = db[BUDGETS_COLLECTION]
+        self._daily_cap = daily_cap_usd
+        self._caps: dict[str, tuple[float | None, dict[str, int | None]]] = {}
+
+    async def _world_caps(self, world_id: str) -> tuple[float | None, dict[str, int | None]] | None:
+        """(money cap, call limits) of a world; constant once the world exists, so cached."""
+        if world_id in self._caps:
+            return self._caps[world_id]
+        doc = await self._worlds.find_one({"_id": world_id}, {"budget_usd": 1, "api_call_limits_LLM": 1,
+                                                              "api_call_limits_images": 1})
+        if doc is None:
+            return None
+        cap = doc.get("budget_usd")
+        limits = {kind: doc.get(limit) for kind, (_, limit) in _CALLS.items()}
+        entry = (float(cap) if isinstance(cap, int | float) else None,
+                 {k: int(v) if isinstance(v, int) else None for k, v in limits.items()})
+        self._caps[world_id] = entry
+        return entry
+
+    async def reserve(self, call: CallContext, kind: Kind, max_cost: float) -> Reservation:
+        amount = max(0.0, float(max_cost))
+        day = await self._reserve_daily(amount) if self._daily_cap > 0 else None
+        world_id = call.world_id
+        try:
+            if world_id is not None:
+                await self._reserve_world(world_id, kind, amount)
+        except BaseException:
+            if day is not None:
+                await self._budgets.update_one({"_id": day}, {"$inc": {"committed_usd": -amount}})
+            raise
+        return Reservation(world_id=world_id, day=day, amount=amount)
+
+    async def _reserve_world(self, world_id: str, kind: Kind, amount: float) -> None:
+        caps = await self._world_caps(world_id)
+        if caps is None:  # no status document: not a world this worker started (tools, tests)
+            return
+        cap, limits = caps
+        reserved_field, _ = _CALLS[kind]
+        query: dict[str, Any] = {"_id": world_id, "status": {"$in": _LIVE}}
+        if cap is not None:
+            query["budget_committed_usd"] = {"$lte": cap - amount}
+        limit = limits.get(kind)
+        if limit is not None:
+            query[reserved_field] = {"$lt": limit}
+        res = await self._worlds.update_one(
+            query, {"$inc": {"budget_committed_usd": amount, reserved_field: 1}})
+        if res.matched_count:
+            return
+        doc = await self._worlds.find_one({"_id": world_id}) or {}
+        if doc.get("status") not in _LIVE:
+            raise BudgetExceeded(f"world {world_id} is {doc.get('status')}: no more paid calls")
+        if limit is not None and int(doc.get(reserved_field, 0)) >= limit:
+            raise BudgetExceeded(f"world call limit reached: {limit} {kind} calls")
+        raise BudgetExceeded(
+            f"world budget of ${cap:.4f} would be exceeded: ${float(doc.get('budget_committed_usd', 0.0)):.4f} "
+            f"committed, this call may cost up to ${amount:.4f}")
+
+    async def _reserve_daily(self, amount: float) -> str:
+        day = "daily:" + datetime.now(UTC).strftime("%Y-%m-%d")
+        with contextlib.suppress(DuplicateKeyError):  # two processes created it at once: it exists now
+            await self._budgets.update_one({"_id": day}, {"$setOnInsert": {"committed_usd": 0.0}}, upsert=True)
+        res = await self._budgets.update_one(
+            {"_id": day, "committed_usd": {"$lte": self._daily_cap - amount}}, {"$inc": {"committed_usd": amount}})
+        if not res.matched_count:
+            raise BudgetExceeded(f"daily budget of ${self._daily_cap:.2f} would be exceeded")
+        return day
+
+    async def settle(self, reservation: Reservation, actual_cost: float) -> None:
+        """Replace the reservation by the real cost (a refund when the call cost less)."""
+        delta = max(0.0, float(actual_cost)) - reservation.amount
+        if delta == 0:
+            return
+        try:
+            if reservation.world_id is not None:
+                await self._worlds.update_one({"_id": reservation.world_id},
+                                              {"$inc": {"budget_committed_usd": delta}})
+            if reservation.day is not None:
+                await self._budgets.update_one({"_id": reservation.day}, {"$inc": {"committed_usd": delta}})
+        except Exception as exc:  # the reservation stays (conservative): never under-counts spend
+            log.warning("budget settle failed; reservation kept", error=str(exc))
