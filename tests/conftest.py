@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from support import unique_name
+from support import WorkerEnv, unique_name
 
 import ai_worker
 from ai_worker.devstack.stack import StackInfo
@@ -109,3 +109,13 @@ def stack_info(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StackInfo]:
                 print(
                     f"devstack did not stop within {STOP_TIMEOUT_S:.0f} s:\n{_output(log)}", file=sys.stderr
                 )
+
+
+@pytest.fixture
+def wenv(stack_info: StackInfo, tmp_path: Path) -> Iterator[WorkerEnv]:
+    """Per-test topics, database and consumer group on the session stack; its workers are stopped after."""
+    env = WorkerEnv(stack_info, tmp_path)
+    try:
+        yield env
+    finally:
+        env.stop()

@@ -3,6 +3,7 @@ start a world the way the platform does, and read its progress."""
 
 from __future__ import annotations
 
+import json
 import uuid
 from datetime import UTC, datetime
 from typing import Any
@@ -54,8 +55,6 @@ async def send_world(
         await client[database]["tasks"].insert_one(doc)
     finally:
         await client.close()
-    import json
-
     event = {
         "event_type": EventType.TASK_CREATED.value,
         "task_id": task_id,

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import Iterator
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -20,14 +18,6 @@ from ai_worker.llm.history import CallContext
 
 pytestmark = pytest.mark.integration
 
-
-@pytest.fixture
-def wenv(stack_info: StackInfo, tmp_path: Path) -> Iterator[WorkerEnv]:
-    env = WorkerEnv(stack_info, tmp_path)
-    try:
-        yield env
-    finally:
-        env.stop()
 
 
 async def _world(db: Any, *, cap: float, llm_limit: int = 1000) -> str:

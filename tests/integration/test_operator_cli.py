@@ -5,24 +5,12 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import sys
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 from support import WorkerEnv, mongo, produce, read_topic
 
-from ai_worker.devstack.stack import StackInfo
-
 pytestmark = pytest.mark.integration
 
-
-@pytest.fixture
-def wenv(stack_info: StackInfo, tmp_path: Path) -> Iterator[WorkerEnv]:
-    env = WorkerEnv(stack_info, tmp_path)
-    try:
-        yield env
-    finally:
-        env.stop()
 
 
 def cli(wenv: WorkerEnv, *args: str) -> str:

@@ -5,27 +5,15 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Iterator
 from datetime import UTC, datetime
-from pathlib import Path
 
 import pytest
 from support import WorkerEnv, mongo, produce, read_topic, wait_world
-
-from ai_worker.devstack.stack import StackInfo
 
 pytestmark = pytest.mark.integration
 
 STAGES = ["initializing", "world_description", "world_image", "characters", "posts", "finishing"]
 
-
-@pytest.fixture
-def wenv(stack_info: StackInfo, tmp_path: Path) -> Iterator[WorkerEnv]:
-    env = WorkerEnv(stack_info, tmp_path)
-    try:
-        yield env
-    finally:
-        env.stop()
 
 
 async def test_world_end_to_end(wenv: WorkerEnv) -> None:

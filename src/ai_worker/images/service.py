@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import structlog
 
@@ -94,12 +94,14 @@ class ImageService:
     async def _attempt(
         self, prompt: str, width: int, height: int, call: CallContext, attempt: int
     ) -> GeneratedImage:
-        request_data: dict[str, Any] = {
-            "prompt": prompt,
-            "width": width,
-            "height": height,
-            "model": self.provider.model,
-        }
+        """One provider request, recorded in the history (failed ones too) and logged."""
+        record = ApiRequestRecord(
+            api_type="image_generation", task_id=call.task_id, world_id=call.world_id,
+            request_type=call.request_type,
+            request_data={"prompt": prompt, "width": width, "height": height, "model": self.provider.model},
+            duration_ms=0, model=self.provider.model, provider=self.provider.name, attempt=attempt,
+            task_attempt=call.attempt,
+        )
         async with self._semaphore:
             started = time.monotonic()
             try:
@@ -107,71 +109,22 @@ class ImageService:
                 if image.cost == 0 and self._price:  # no cost from the provider: use the configured price
                     image = dataclasses.replace(image, cost=self._price)
             except Exception as exc:
-                error_type = exc.error_type if isinstance(exc, WorkerError) else "unexpected"
-                duration_ms = int((time.monotonic() - started) * 1000)
-                await self._record(
-                    ApiRequestRecord(
-                        api_type="image_generation",
-                        task_id=call.task_id,
-                        world_id=call.world_id,
-                        request_type=call.request_type,
-                        request_data=request_data,
-                        error=str(exc),
-                        error_type=error_type,
-                        status="error",
-                        status_code=status_of(exc),
-                        duration_ms=duration_ms,
-                        model=self.provider.model,
-                        provider=self.provider.name,
-                        attempt=attempt,
-                        task_attempt=call.attempt,
-                    )
-                )
-                log.warning(
-                    "image_generation_failed",
-                    model=self.provider.model,
-                    request_type=call.request_type,
-                    task_id=call.task_id,
-                    attempt=attempt,
-                    error_type=error_type,
-                    error=str(exc),
-                    duration_ms=duration_ms,
-                )
+                record.error_type = exc.error_type if isinstance(exc, WorkerError) else "unexpected"
+                record.error, record.status, record.status_code = str(exc), "error", status_of(exc)
+                record.duration_ms = int((time.monotonic() - started) * 1000)
+                await self._record(record)
+                log.warning("image_generation_failed", model=record.model, request_type=call.request_type,
+                            task_id=call.task_id, attempt=attempt, error_type=record.error_type,
+                            error=record.error, duration_ms=record.duration_ms)
                 raise
-        duration_ms = int((time.monotonic() - started) * 1000)
-        await self._record(
-            ApiRequestRecord(
-                api_type="image_generation",
-                task_id=call.task_id,
-                world_id=call.world_id,
-                request_type=call.request_type,
-                request_data=request_data,
-                response_data={
-                    "width": image.width,
-                    "height": image.height,
-                    "bytes": len(image.data),
-                    "content_type": image.content_type,
-                },
-                duration_ms=duration_ms,
-                model=image.model,
-                provider=image.provider,
-                attempt=attempt,
-                task_attempt=call.attempt,
-                cost=image.cost,
-            )
-        )
-        log.info(
-            "image_generated",
-            model=image.model,
-            provider=image.provider,
-            request_type=call.request_type,
-            task_id=call.task_id,
-            width=image.width,
-            height=image.height,
-            bytes=len(image.data),
-            cost=image.cost,
-            duration_ms=duration_ms,
-        )
+        record.duration_ms = int((time.monotonic() - started) * 1000)
+        record.model, record.provider, record.cost = image.model, image.provider, image.cost
+        record.response_data = {"width": image.width, "height": image.height, "bytes": len(image.data),
+                                "content_type": image.content_type}
+        await self._record(record)
+        log.info("image_generated", model=image.model, provider=image.provider, request_type=call.request_type,
+                 task_id=call.task_id, width=image.width, height=image.height, bytes=len(image.data),
+                 cost=image.cost, duration_ms=record.duration_ms)
         return image
 
     async def _record(self, record: ApiRequestRecord) -> None:

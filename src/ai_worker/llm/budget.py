@@ -30,6 +30,7 @@ BUDGETS_COLLECTION = "budgets"
 _CALLS = {"llm": ("api_calls_reserved_LLM", "api_call_limits_LLM"),
           "image": ("api_calls_reserved_images", "api_call_limits_images")}
 _LIVE = ["pending", "in_progress"]
+_CAP_CACHE_SIZE = 4096
 
 
 @dataclass
@@ -73,6 +74,8 @@ class MongoBudget:
         limits = {kind: doc.get(limit) for kind, (_, limit) in _CALLS.items()}
         entry = (float(cap) if isinstance(cap, int | float) else None,
                  {k: int(v) if isinstance(v, int) else None for k, v in limits.items()})
+        if len(self._caps) >= _CAP_CACHE_SIZE:  # a long-running worker sees many worlds: keep the cache bounded
+            self._caps.pop(next(iter(self._caps)))
         self._caps[world_id] = entry
         return entry
 

@@ -399,37 +399,14 @@ class LLMClient:
             if problem is not None and finish_reason == "length":
                 problem += " (the reply was cut off at the token limit)"
         except WorkerError as exc:
-            duration_ms = int((time.monotonic() - started) * 1000)
+            failure: WorkerError | None = exc
             if status_code is not None and status_of(exc) is None:
                 attach_status(exc, status_code)
             if body is not None and response_data is None:
                 response_data = {"id": body.get("id"), "error": body.get("error")}
-            await self._record(
-                call,
-                attempt=attempt,
-                model=model,
-                request_data=request_data,
-                response_data=response_data,
-                usage=usage,
-                status_code=status_code,
-                duration_ms=duration_ms,
-                error=exc,
-            )
-            log.warning(
-                "llm_call_failed",
-                model=model,
-                request_type=call.request_type,
-                task_id=call.task_id,
-                attempt=attempt,
-                status_code=status_code,
-                error_type=exc.error_type,
-                error=str(exc),
-                duration_ms=duration_ms,
-            )
-            raise
-
+        else:
+            failure = None
         duration_ms = int((time.monotonic() - started) * 1000)
-        invalid = InvalidOutput(problem) if problem is not None else None
         await self._record(
             call,
             attempt=attempt,
@@ -439,20 +416,16 @@ class LLMClient:
             usage=usage,
             status_code=status_code,
             duration_ms=duration_ms,
-            error=invalid,
+            error=failure if failure is not None else (InvalidOutput(problem) if problem is not None else None),
         )
-        log.info(
-            "llm_call",
-            model=model,
-            request_type=call.request_type,
-            task_id=call.task_id,
-            attempt=attempt,
-            valid=problem is None,
-            prompt_tokens=usage.prompt_tokens,
-            completion_tokens=usage.completion_tokens,
-            cost=usage.cost,
-            duration_ms=duration_ms,
-        )
+        if failure is not None:
+            log.warning("llm_call_failed", model=model, request_type=call.request_type, task_id=call.task_id,
+                        attempt=attempt, status_code=status_code, error_type=failure.error_type,
+                        error=str(failure), duration_ms=duration_ms)
+            raise failure
+        log.info("llm_call", model=model, request_type=call.request_type, task_id=call.task_id, attempt=attempt,
+                 valid=problem is None, prompt_tokens=usage.prompt_tokens,
+                 completion_tokens=usage.completion_tokens, cost=usage.cost, duration_ms=duration_ms)
         log.debug("llm_reply", model=model, content=content[:MAX_RECORDED_CONTENT])
         return _Attempt(content=content, usage=usage, value=value, problem=problem)
 
