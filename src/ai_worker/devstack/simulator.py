@@ -9,7 +9,22 @@ with OpenRouter-style usage accounting (`usage.cost`). Faults are injected at co
 (5xx, 429 with Retry-After, malformed JSON, schema-invalid JSON, hangs, image errors), drawn from a
 random stream seeded by `config.seed` and the request number, so a run is reproducible.
 
-Runtime control: `POST /_sim/config` (JSON with SimulatorConfig fields) and `GET /_sim/stats`.
+It also answers Runware's REST API at `POST /runware/v1` (a JSON array holding one `imageInference` task;
+see `runware_url`): the PNG is rendered at the requested size, kept in memory (the last 500) and served
+from `GET /_sim/files/{imageUUID}.png`, whose URL is the task's `imageURL`; errors use Runware's
+`{"errors": [...]}` body.
+
+Per-model knobs (`SimulatorConfig.models`, a `ModelKnobs` per model name) add latency and fault rates on
+top of the global ones, override prices, and give a model its own rate limit: the simulator remembers
+when it accepted (answered 200) each request of the model and answers 429 with a `Retry-After` when
+another one would take the last 60 seconds over `rpm_limit` requests or `tpm_limit` tokens. The limit is
+checked and the acceptance recorded with no await in between, so concurrent requests cannot slip past it.
+Tokens are prompt + completion tokens (len // 4 estimates); Runware requests count no tokens. Per-model
+counters, including the largest number of accepted requests (and tokens) seen inside any sliding
+60-second window, are in `model_stats()` and `GET /_sim/stats`.
+
+Runtime control: `POST /_sim/config` (JSON with SimulatorConfig fields; `{"models": {"name": {...}}}`
+merges knobs into that model's, `{"models": {"name": null}}` removes them) and `GET /_sim/stats`.
 Run standalone with `python -m ai_worker.devstack.simulator --port 8089`.
 """
 
@@ -22,11 +37,14 @@ import contextlib
 import dataclasses
 import hashlib
 import json
+import math
 import random
 import re
 import time
-from collections import Counter
-from dataclasses import dataclass
+import uuid
+from collections import Counter, OrderedDict, deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import web
@@ -38,6 +56,68 @@ _SIZE = re.compile(r"\b(\d{2,4})\s*[xX\u00d7]\s*(\d{2,4})\b")
 _COUNTED_ARRAYS = frozenset({"characters", "posts"})
 _MAX_EXACT = 500
 _MAX_IMAGE_SIDE = 2048
+_WINDOW_S = 60.0
+_MAX_FILES = 500
+_RUNWARE_MIN_SIDE = 128
+_RUNWARE_MAX_SIDE = 2048
+_RUNWARE_STEP = 64
+_DEFAULT_MODEL = "simulated"
+
+_KNOB_INTS = frozenset({"rpm_limit", "tpm_limit"})
+_KNOB_OPTIONAL = frozenset({"price_in_per_mtok", "price_out_per_mtok", "image_cost"})
+
+
+@dataclass
+class ModelKnobs:
+    """Settings of one model, on top of the global ones: latency is added, a request fails when either the
+    global or the model's fault rate draws it, and a price left at None uses the global price."""
+
+    latency_ms: float = 0
+    error_rate_5xx: float = 0
+    error_rate_429: float = 0
+    rpm_limit: int = 0  # accepted requests per sliding 60 s; 0 = no limit
+    tpm_limit: int = 0  # prompt + completion tokens of accepted requests per sliding 60 s; 0 = no limit
+    price_in_per_mtok: float | None = None
+    price_out_per_mtok: float | None = None
+    image_cost: float | None = None
+
+
+def _parse_knobs(model: str, values: Any) -> dict[str, Any]:
+    """Validated ModelKnobs fields from a JSON object; ValueError names the model and field."""
+    if not isinstance(values, dict):
+        raise ValueError(f"models.{model} must be an object (or null to remove it)")
+    known = {f.name for f in dataclasses.fields(ModelKnobs)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"unknown knob(s) for model {model!r}: {unknown}")
+    parsed: dict[str, Any] = {}
+    for name, value in values.items():
+        where = f"models.{model}.{name}"
+        if value is None and name in _KNOB_OPTIONAL:
+            parsed[name] = None
+            continue
+        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+            raise ValueError(f"{where} must be a number" + (" or null" if name in _KNOB_OPTIONAL else ""))
+        if value < 0:
+            raise ValueError(f"{where} must not be negative")
+        if name in _KNOB_INTS:
+            if float(value) != int(value):
+                raise ValueError(f"{where} must be a whole number")
+            parsed[name] = int(value)
+        else:
+            parsed[name] = float(value)
+    return parsed
+
+
+def _parse_models(value: Any) -> dict[str, dict[str, Any] | None]:
+    if not isinstance(value, dict):
+        raise ValueError("models must be an object mapping model names to knobs")
+    parsed: dict[str, dict[str, Any] | None] = {}
+    for model, knobs in value.items():
+        if not isinstance(model, str) or not model:
+            raise ValueError("model names must be non-empty strings")
+        parsed[model] = None if knobs is None else _parse_knobs(model, knobs)
+    return parsed
 
 
 @dataclass
@@ -55,20 +135,37 @@ class SimulatorConfig:
     price_out_per_mtok: float = 2.50
     image_cost: float = 0.039
     seed: int = 0
+    models: dict[str, ModelKnobs] = field(default_factory=dict)
 
     def update(self, values: dict[str, Any]) -> None:
-        """Set fields from a JSON object; unknown names or wrong types raise ValueError."""
+        """Set fields from a JSON object; unknown names or wrong types raise ValueError (nothing is changed).
+
+        `models` is merged per model: the knobs given replace that model's, the others keep their values;
+        a model mapped to null loses its knobs."""
         known = {f.name: f for f in dataclasses.fields(self)}
         unknown = sorted(set(values) - set(known))
         if unknown:
             raise ValueError(f"unknown config field(s): {unknown}")
         parsed: dict[str, Any] = {}
+        models: dict[str, dict[str, Any] | None] = {}
         for name, value in values.items():
+            if name == "models":
+                models = _parse_models(value)
+                continue
             if isinstance(value, bool) or not isinstance(value, int | float):
                 raise ValueError(f"{name} must be a number")
             parsed[name] = int(value) if name == "seed" else float(value)
         for name, value in parsed.items():
             setattr(self, name, value)
+        for model, knobs in models.items():
+            if knobs is None:
+                self.models.pop(model, None)
+            else:
+                self.models[model] = dataclasses.replace(self.models.get(model) or ModelKnobs(), **knobs)
+
+    def knobs(self, model: str) -> ModelKnobs:
+        """The model's knobs (all defaults when it has none)."""
+        return self.models.get(model) or ModelKnobs()
 
 
 # --- fake content ------------------------------------------------------------------------------
@@ -285,19 +382,205 @@ def _error(status: int, message: str, headers: dict[str, str] | None = None) -> 
     return web.json_response({"error": {"code": status, "message": message}}, status=status, headers=headers)
 
 
+# (status, Runware-style error code, message, headers) -> the error answer in the endpoint's format.
+ErrorReply = Callable[[int, str, str, dict[str, str] | None], web.Response]
+
+
+def _chat_error(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> web.Response:
+    return _error(status, message, headers)
+
+
+def _runware_error(
+    status: int,
+    code: str,
+    message: str,
+    task_uuid: str | None = None,
+    parameter: str | None = None,
+    headers: dict[str, str] | None = None,
+) -> web.Response:
+    item: dict[str, Any] = {"code": code, "message": message, "taskType": "imageInference"}
+    if parameter is not None:
+        item["parameter"] = parameter
+    if task_uuid is not None:
+        item["taskUUID"] = task_uuid
+    return web.json_response({"errors": [item]}, status=status, headers=headers)
+
+
+class _RunwareInvalid(ValueError):
+    def __init__(self, code: str, message: str, parameter: str | None = None, task_uuid: str | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.parameter = parameter
+        self.task_uuid = task_uuid
+
+
+def _is_uuid(value: str) -> bool:
+    try:
+        uuid.UUID(value)
+    except ValueError:
+        return False
+    return True
+
+
+def _runware_task(body: Any) -> dict[str, Any]:
+    """The one imageInference task of a Runware request body; _RunwareInvalid when it is not acceptable."""
+    if not isinstance(body, list):
+        raise _RunwareInvalid("invalidRequestBody", "the body must be a JSON array of tasks")
+    if len(body) != 1 or not isinstance(body[0], dict):
+        raise _RunwareInvalid("invalidRequestBody", "the simulator accepts exactly one task object per request")
+    task: dict[str, Any] = body[0]
+    task_uuid = task.get("taskUUID")
+    if not isinstance(task_uuid, str) or not _is_uuid(task_uuid):
+        raise _RunwareInvalid("invalidTaskUUID", "taskUUID must be a UUID string", "taskUUID")
+    if task.get("taskType") != "imageInference":
+        raise _RunwareInvalid("unsupportedTaskType", "taskType must be imageInference", "taskType", task_uuid)
+    prompt = task.get("positivePrompt")
+    if not isinstance(prompt, str) or len(prompt.strip()) < 2:
+        raise _RunwareInvalid(
+            "invalidPositivePrompt",
+            "positivePrompt must be a string of 2 or more characters",
+            "positivePrompt",
+            task_uuid,
+        )
+    model = task.get("model")
+    if not isinstance(model, str) or not model.strip():
+        raise _RunwareInvalid("invalidModel", "model must be a non-empty string", "model", task_uuid)
+    for side in ("width", "height"):
+        value = task.get(side)
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, int)
+            or not _RUNWARE_MIN_SIDE <= value <= _RUNWARE_MAX_SIDE
+            or value % _RUNWARE_STEP
+        ):
+            raise _RunwareInvalid(
+                f"invalid{side.title()}",
+                f"{side} must be a multiple of {_RUNWARE_STEP} between {_RUNWARE_MIN_SIDE} and {_RUNWARE_MAX_SIDE},"
+                f" got {value!r}",
+                side,
+                task_uuid,
+            )
+    number_results = task.get("numberResults")
+    if number_results is not None and (isinstance(number_results, bool) or number_results != 1):
+        raise _RunwareInvalid(
+            "invalidNumberResults", "the simulator supports numberResults=1 only", "numberResults", task_uuid
+        )
+    output_type = task.get("outputType")
+    if output_type is not None and output_type != "URL":
+        raise _RunwareInvalid(
+            "unsupportedOutputType", "the simulator supports outputType URL only", "outputType", task_uuid
+        )
+    output_format = task.get("outputFormat")
+    if output_format is not None and (not isinstance(output_format, str) or output_format.upper() != "PNG"):
+        raise _RunwareInvalid(
+            "unsupportedOutputFormat", "the simulator supports outputFormat PNG only", "outputFormat", task_uuid
+        )
+    return task
+
+
+@dataclass
+class _ModelState:
+    """Counters of one model and the (monotonic time, tokens) of the requests accepted in the last 60 s."""
+
+    counts: Counter[str] = field(default_factory=Counter)
+    window: deque[tuple[float, int]] = field(default_factory=deque)
+    window_tokens: int = 0
+    max_in_60s: int = 0
+    max_tokens_in_60s: int = 0
+
+    def prune(self, now: float) -> None:
+        """Keep the requests accepted in (now - 60, now]."""
+        while self.window and self.window[0][0] <= now - _WINDOW_S:
+            _, tokens = self.window.popleft()
+            self.window_tokens -= tokens
+
+    def limit_wait(self, knobs: ModelKnobs, now: float, prompt_tokens: int) -> float | None:
+        """Seconds until a request of `prompt_tokens` fits the model's limits, or None when it fits now."""
+        self.prune(now)
+        wait: float | None = None
+        if knobs.rpm_limit > 0 and len(self.window) >= knobs.rpm_limit:
+            # The request that has to leave the window for one more to fit (the oldest, unless the limit
+            # was lowered at runtime).
+            wait = self.window[len(self.window) - knobs.rpm_limit][0] + _WINDOW_S - now
+        if knobs.tpm_limit > 0 and self.window_tokens + prompt_tokens > knobs.tpm_limit:
+            token_wait = _WINDOW_S  # a request larger than the whole limit: try again in a minute
+            remaining = self.window_tokens
+            for stamp, tokens in self.window:
+                remaining -= tokens
+                if remaining + prompt_tokens <= knobs.tpm_limit:
+                    token_wait = stamp + _WINDOW_S - now
+                    break
+            wait = token_wait if wait is None else max(wait, token_wait)
+        return wait
+
+    def accept(self, now: float, tokens: int) -> None:
+        self.prune(now)
+        self.window.append((now, tokens))
+        self.window_tokens += tokens
+        self.counts["ok"] += 1
+        self.counts["tokens"] += tokens
+        self.max_in_60s = max(self.max_in_60s, len(self.window))
+        self.max_tokens_in_60s = max(self.max_tokens_in_60s, self.window_tokens)
+
+    def snapshot(self) -> dict[str, int]:
+        counts = self.counts
+        return {
+            "requests": counts["requests"],
+            "ok": counts["ok"],
+            "error_429": counts["error_429"],
+            "limit_429": counts["limit_429"],
+            "error_5xx": counts["error_5xx"],
+            "max_in_60s": self.max_in_60s,
+            "tokens": counts["tokens"],
+            "max_tokens_in_60s": self.max_tokens_in_60s,
+        }
+
+
+@dataclass
+class _Call:
+    """One request on its way through the fault / latency / limit gate."""
+
+    number: int
+    model: str
+    draw: dict[str, float]
+    prompt_tokens: int
+    admitted_at: float = 0.0
+
+
+# Every request draws these, in this order, so one knob does not shift the others' outcomes.
+_DRAWS = ("429", "5xx", "hang", "image", "malformed", "invalid", "model_429", "model_5xx")
+
+
 class ProviderSimulator:
-    def __init__(self, config: SimulatorConfig | None = None, host: str = "127.0.0.1", port: int = 0) -> None:
+    def __init__(
+        self,
+        config: SimulatorConfig | None = None,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.config = config or SimulatorConfig()
         self.host = host
         self.port = port
         self.stats: Counter[str] = Counter()
+        self._clock = clock
         self._requests = 0
+        self._models: dict[str, _ModelState] = {}
+        self._files: OrderedDict[str, bytes] = OrderedDict()
         self._runner: web.AppRunner | None = None
         self._stopping = asyncio.Event()
 
     @property
+    def root_url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    @property
     def base_url(self) -> str:
-        return f"http://{self.host}:{self.port}/v1"
+        return f"{self.root_url}/v1"
+
+    @property
+    def runware_url(self) -> str:
+        return f"{self.root_url}/runware/v1"
 
     async def start(self) -> None:
         if self._runner is not None:
@@ -306,6 +589,8 @@ class ProviderSimulator:
         app = web.Application(client_max_size=16 * 1024 * 1024)
         app.router.add_post("/v1/chat/completions", self._chat)
         app.router.add_post("/api/v1/chat/completions", self._chat)
+        app.router.add_post("/runware/v1", self._runware)
+        app.router.add_get("/_sim/files/{name}", self._get_file)
         app.router.add_post("/_sim/config", self._set_config)
         app.router.add_get("/_sim/config", self._get_config)
         app.router.add_get("/_sim/stats", self._get_stats)
@@ -332,6 +617,16 @@ class ProviderSimulator:
     async def __aexit__(self, *exc: object) -> None:
         await self.stop()
 
+    def model_stats(self) -> dict[str, dict[str, int]]:
+        """Per model: requests, ok, error_429, limit_429, error_5xx, max_in_60s, tokens, max_tokens_in_60s."""
+        return {name: state.snapshot() for name, state in sorted(self._models.items())}
+
+    def _model_state(self, model: str) -> _ModelState:
+        state = self._models.get(model)
+        if state is None:
+            state = self._models[model] = _ModelState()
+        return state
+
     # --- control endpoints ---------------------------------------------------------------------
 
     async def _set_config(self, request: web.Request) -> web.Response:
@@ -348,9 +643,17 @@ class ProviderSimulator:
         return web.json_response(dataclasses.asdict(self.config))
 
     async def _get_stats(self, request: web.Request) -> web.Response:
-        return web.json_response({"stats": dict(self.stats), "config": dataclasses.asdict(self.config)})
+        return web.json_response(
+            {"stats": dict(self.stats), "config": dataclasses.asdict(self.config), "models": self.model_stats()}
+        )
 
-    # --- chat completions ----------------------------------------------------------------------
+    async def _get_file(self, request: web.Request) -> web.Response:
+        data = self._files.get(request.match_info["name"])
+        if data is None:
+            return _error(404, "no such file")
+        return web.Response(body=data, content_type="image/png")
+
+    # --- the gate every provider request goes through ------------------------------------------
 
     async def _pause(self, seconds: float) -> bool:
         """Sleep, cut short by stop(); True when the simulator is stopping."""
@@ -360,14 +663,64 @@ class ProviderSimulator:
             await asyncio.wait_for(self._stopping.wait(), timeout=seconds)
         return self._stopping.is_set()
 
-    async def _chat(self, request: web.Request) -> web.Response:
+    def _next_call(self) -> tuple[int, dict[str, float]]:
         self._requests += 1
         number = self._requests
         self.stats["requests"] += 1
+        faults = random.Random(f"{self.config.seed}:{number}")
+        return number, {k: faults.random() for k in _DRAWS}
+
+    async def _gate(self, call: _Call, reply_error: ErrorReply) -> web.Response | None:
+        """Latency, injected faults, hangs and the model's own limit: the error answer, or None to go on.
+
+        On None the request is admitted at `call.admitted_at`; the caller must call `_accept` before its
+        next await so that concurrent requests see it when they check the limit."""
         cfg = self.config
-        # Draw every fault in a fixed order so one knob does not shift the others' outcomes.
-        faults = random.Random(f"{cfg.seed}:{number}")
-        draw = {k: faults.random() for k in ("429", "5xx", "hang", "image", "malformed", "invalid")}
+        knobs = cfg.knobs(call.model)
+        state = self._model_state(call.model)
+        state.counts["requests"] += 1
+        if await self._pause((cfg.latency_ms + knobs.latency_ms) / 1000.0):
+            return reply_error(503, "simulatorStopping", "simulator stopping", None)
+        draw = call.draw
+        if draw["429"] < cfg.error_rate_429 or draw["model_429"] < knobs.error_rate_429:
+            self.stats["error_429"] += 1
+            state.counts["error_429"] += 1
+            return reply_error(
+                429, "rateLimitExceeded", "simulated rate limit", {"Retry-After": f"{cfg.retry_after_s:g}"}
+            )
+        if draw["5xx"] < cfg.error_rate_5xx or draw["model_5xx"] < knobs.error_rate_5xx:
+            self.stats["error_5xx"] += 1
+            state.counts["error_5xx"] += 1
+            return reply_error(503, "serviceUnavailable", "simulated upstream outage", None)
+        if draw["hang"] < cfg.hang_rate:
+            self.stats["hang"] += 1
+            if await self._pause(cfg.hang_s):
+                return reply_error(503, "simulatorStopping", "simulator stopping", None)
+        # No await from here to _accept: the limit check and the acceptance are one step.
+        knobs = self.config.knobs(call.model)  # the config may have changed during the pauses
+        now = self._clock()
+        wait = state.limit_wait(knobs, now, call.prompt_tokens)
+        if wait is not None:
+            self.stats["limit_429"] += 1
+            state.counts["limit_429"] += 1
+            retry_after = max(1, math.ceil(wait))
+            return reply_error(
+                429,
+                "rateLimitExceeded",
+                f"rate limit of model {call.model!r} exceeded (rpm {knobs.rpm_limit}, tpm {knobs.tpm_limit})",
+                {"Retry-After": str(retry_after)},
+            )
+        call.admitted_at = now
+        return None
+
+    def _accept(self, call: _Call, tokens: int) -> None:
+        self._model_state(call.model).accept(call.admitted_at, tokens)
+
+    # --- chat completions ----------------------------------------------------------------------
+
+    async def _chat(self, request: web.Request) -> web.Response:
+        number, draw = self._next_call()
+        cfg = self.config
 
         try:
             body = await request.json()
@@ -378,32 +731,28 @@ class ProviderSimulator:
             self.stats["bad_request"] += 1
             return _error(400, "messages is required")
 
-        if await self._pause(cfg.latency_ms / 1000.0):
-            return _error(503, "simulator stopping")
-        if draw["429"] < cfg.error_rate_429:
-            self.stats["error_429"] += 1
-            return _error(429, "simulated rate limit", headers={"Retry-After": f"{cfg.retry_after_s:g}"})
-        if draw["5xx"] < cfg.error_rate_5xx:
-            self.stats["error_5xx"] += 1
-            return _error(503, "simulated upstream outage")
-        if draw["hang"] < cfg.hang_rate:
-            self.stats["hang"] += 1
-            if await self._pause(cfg.hang_s):
-                return _error(503, "simulator stopping")
-
+        raw_model = body.get("model")
+        model = raw_model if isinstance(raw_model, str) and raw_model else _DEFAULT_MODEL
         modalities = body.get("modalities")
         response_format = body.get("response_format")
-        if isinstance(modalities, list) and "image" in modalities:
+        wants_image = isinstance(modalities, list) and "image" in modalities
+        prompt_text = _image_prompt(body["messages"]) if wants_image else _prompt_text(body["messages"])
+        call = _Call(number, model, draw, prompt_tokens=_estimate_tokens(prompt_text))
+        blocked = await self._gate(call, _chat_error)
+        if blocked is not None:
+            return blocked
+
+        if wants_image:
             self.stats["image"] += 1
             if draw["image"] < cfg.image_error_rate:
                 self.stats["image_error"] += 1
                 return _error(500, "simulated image generation failure")
-            return await self._image_reply(body, number)
+            return await self._image_reply(body, call)
         if isinstance(response_format, dict) and response_format.get("type") == "json_schema":
             self.stats["structured"] += 1
-            return self._structured_reply(body, number, draw["malformed"], draw["invalid"])
+            return self._structured_reply(body, call)
         self.stats["text"] += 1
-        return self._text_reply(body, number)
+        return self._text_reply(body, call)
 
     def _digest(self, body: dict[str, Any]) -> str:
         key = json.dumps({"model": body.get("model"), "messages": body.get("messages")}, sort_keys=True)
@@ -424,12 +773,13 @@ class ProviderSimulator:
             }
         )
 
-    def _token_usage(self, prompt_text: str, content: str) -> dict[str, Any]:
-        prompt_tokens = max(1, len(prompt_text) // 4)
-        completion_tokens = max(1, len(content) // 4)
-        cost = (
-            prompt_tokens * self.config.price_in_per_mtok + completion_tokens * self.config.price_out_per_mtok
-        ) / 1_000_000
+    def _token_usage(self, prompt_text: str, content: str, model: str) -> dict[str, Any]:
+        knobs = self.config.knobs(model)
+        price_in = self.config.price_in_per_mtok if knobs.price_in_per_mtok is None else knobs.price_in_per_mtok
+        price_out = self.config.price_out_per_mtok if knobs.price_out_per_mtok is None else knobs.price_out_per_mtok
+        prompt_tokens = _estimate_tokens(prompt_text)
+        completion_tokens = _estimate_tokens(content)
+        cost = (prompt_tokens * price_in + completion_tokens * price_out) / 1_000_000
         return {
             "prompt_tokens": prompt_tokens,
             "completion_tokens": completion_tokens,
@@ -439,9 +789,11 @@ class ProviderSimulator:
             "cost": round(cost, 10),
         }
 
-    def _structured_reply(
-        self, body: dict[str, Any], number: int, malformed_draw: float, invalid_draw: float
-    ) -> web.Response:
+    def _image_cost(self, model: str) -> float:
+        knobs = self.config.knobs(model)
+        return self.config.image_cost if knobs.image_cost is None else knobs.image_cost
+
+    def _structured_reply(self, body: dict[str, Any], call: _Call) -> web.Response:
         messages: list[Any] = body["messages"]
         digest = self._digest(body)
         rng = random.Random(int(digest[:16], 16))
@@ -457,46 +809,38 @@ class ProviderSimulator:
             self.stats["bad_request"] += 1
             return _error(400, f"cannot build an instance of the schema: {exc}")
 
-        if invalid_draw < self.config.schema_invalid_rate and isinstance(instance, dict) and instance:
+        if call.draw["invalid"] < self.config.schema_invalid_rate and isinstance(instance, dict) and instance:
             self.stats["schema_invalid"] += 1
             required = schema.get("required")
             victim = required[0] if isinstance(required, list) and required else next(iter(instance))
             instance.pop(victim, None)
         content = json.dumps(instance, ensure_ascii=False)
-        if malformed_draw < self.config.malformed_json_rate:
+        if call.draw["malformed"] < self.config.malformed_json_rate:
             self.stats["malformed_json"] += 1
             content = content[: max(1, len(content) // 2)]
 
-        prompt_text = " ".join(_message_text(m) for m in messages)
-        return self._completion(
-            body,
-            number,
-            digest,
-            {"role": "assistant", "content": content},
-            self._token_usage(prompt_text, content),
-        )
+        usage = self._token_usage(_prompt_text(messages), content, call.model)
+        self._accept(call, usage["total_tokens"])
+        return self._completion(body, call.number, digest, {"role": "assistant", "content": content}, usage)
 
-    def _text_reply(self, body: dict[str, Any], number: int) -> web.Response:
+    def _text_reply(self, body: dict[str, Any], call: _Call) -> web.Response:
         messages: list[Any] = body["messages"]
         digest = self._digest(body)
         faker = _Faker(random.Random(int(digest[:16], 16)), digest[:6])
         content = f"Simulated reply. {faker.sentences(1, 3)}"
-        prompt_text = " ".join(_message_text(m) for m in messages)
-        return self._completion(
-            body,
-            number,
-            digest,
-            {"role": "assistant", "content": content},
-            self._token_usage(prompt_text, content),
-        )
+        usage = self._token_usage(_prompt_text(messages), content, call.model)
+        self._accept(call, usage["total_tokens"])
+        return self._completion(body, call.number, digest, {"role": "assistant", "content": content}, usage)
 
-    async def _image_reply(self, body: dict[str, Any], number: int) -> web.Response:
-        messages: list[Any] = body["messages"]
+    async def _image_reply(self, body: dict[str, Any], call: _Call) -> web.Response:
         digest = self._digest(body)
-        prompt = " ".join(
-            _message_text(m) for m in messages if isinstance(m, dict) and m.get("role") == "user"
-        )
+        prompt = _image_prompt(body["messages"])
         width, height = _image_size(prompt)
+        usage = self._token_usage(prompt, "", call.model)
+        usage["completion_tokens"] = 1290
+        usage["total_tokens"] = usage["prompt_tokens"] + 1290
+        usage["cost"] = self._image_cost(call.model)
+        self._accept(call, usage["total_tokens"])  # before the render's await
         png = await asyncio.to_thread(render_placeholder, prompt, width, height, "SIMULATED")
         url = "data:image/png;base64," + base64.b64encode(png).decode("ascii")
         message = {
@@ -504,11 +848,79 @@ class ProviderSimulator:
             "content": "Here is the generated image.",
             "images": [{"type": "image_url", "image_url": {"url": url}}],
         }
-        usage = self._token_usage(prompt, "")
-        usage["completion_tokens"] = 1290
-        usage["total_tokens"] = usage["prompt_tokens"] + 1290
-        usage["cost"] = self.config.image_cost
-        return self._completion(body, number, digest, message, usage)
+        return self._completion(body, call.number, digest, message, usage)
+
+    # --- Runware -------------------------------------------------------------------------------
+
+    async def _runware(self, request: web.Request) -> web.Response:
+        number, draw = self._next_call()
+        self.stats["runware"] += 1
+        cfg = self.config
+        try:
+            body = await request.json()
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            self.stats["bad_request"] += 1
+            return _runware_error(400, "invalidRequestBody", "request body is not JSON")
+        try:
+            task = _runware_task(body)
+        except _RunwareInvalid as exc:
+            self.stats["bad_request"] += 1
+            return _runware_error(400, exc.code, str(exc), exc.task_uuid, exc.parameter)
+
+        task_uuid: str = task["taskUUID"]
+        prompt: str = task["positivePrompt"]
+        width: int = task["width"]
+        height: int = task["height"]
+        call = _Call(number, str(task["model"]), draw, prompt_tokens=0)
+
+        def reply_error(status: int, code: str, message: str, headers: dict[str, str] | None) -> web.Response:
+            return _runware_error(status, code, message, task_uuid, None, headers)
+
+        blocked = await self._gate(call, reply_error)
+        if blocked is not None:
+            return blocked
+        if draw["image"] < cfg.image_error_rate:
+            self.stats["image_error"] += 1
+            return reply_error(500, "imageGenerationFailed", "simulated image generation failure", None)
+        self._accept(call, 0)  # before the render's await
+        cost = self._image_cost(call.model)
+        png = await asyncio.to_thread(render_placeholder, prompt, width, height, "SIMULATED")
+        image_uuid = str(uuid.UUID(int=random.Random(f"{cfg.seed}:{number}:image").getrandbits(128), version=4))
+        name = f"{image_uuid}.png"
+        self._files[name] = png
+        while len(self._files) > _MAX_FILES:
+            self._files.popitem(last=False)
+        return web.json_response(
+            {
+                "data": [
+                    {
+                        "taskType": "imageInference",
+                        "taskUUID": task_uuid,
+                        "imageUUID": image_uuid,
+                        "imageURL": f"{self._public_root(request)}/_sim/files/{name}",
+                        "cost": cost,
+                    }
+                ]
+            }
+        )
+
+    def _public_root(self, request: web.Request) -> str:
+        """Where clients reach us: our own address, or the Host they used when we listen on all interfaces."""
+        if self.host in ("", "0.0.0.0", "::"):
+            return f"http://{request.host}"
+        return self.root_url
+
+
+def _estimate_tokens(text: str) -> int:
+    return max(1, len(text) // 4)
+
+
+def _prompt_text(messages: list[Any]) -> str:
+    return " ".join(_message_text(m) for m in messages)
+
+
+def _image_prompt(messages: list[Any]) -> str:
+    return " ".join(_message_text(m) for m in messages if isinstance(m, dict) and m.get("role") == "user")
 
 
 async def _serve(host: str, port: int, config: SimulatorConfig) -> None:
