@@ -13,13 +13,17 @@ from pymongo import AsyncMongoClient
 
 from ai_worker.config import Settings
 from ai_worker.content.prompts import PromptLibrary
+from ai_worker.images.enhance import PromptEnhancer
 from ai_worker.images.service import ImageService
 from ai_worker.images.upload import MediaUploader
 from ai_worker.jobs import build_registry
 from ai_worker.jobs.common import MongoWorldStore
+from ai_worker.llm.breaker import BreakerBoard
 from ai_worker.llm.budget import MongoBudget
 from ai_worker.llm.client import LLMClient
 from ai_worker.llm.history import MongoRecorder
+from ai_worker.llm.ratelimit import MongoRateLimiter
+from ai_worker.llm.routing import ModelRouter, concurrency
 from ai_worker.messaging.admin import ensure_topics
 from ai_worker.messaging.consumer import TaskConsumer
 from ai_worker.messaging.producer import EventProducer
@@ -56,8 +60,7 @@ async def run_worker(settings: Settings, stop: asyncio.Event | None = None) -> N
             loop.add_signal_handler(sig, _on_signal, sig, stop)
 
     log.info("worker starting", worker_id=settings.worker_id, topic=settings.kafka_topic_tasks,
-             group=settings.kafka_group_id, llm_base_url=settings.llm_base_url,
-             image_provider=settings.image_provider)
+             group=settings.kafka_group_id, models=settings.models.assignments())
     mongo = mongo_client(settings)
     db = mongo[settings.mongodb_database]
     store = TaskStore(db)
@@ -77,12 +80,18 @@ async def run_worker(settings: Settings, stop: asyncio.Event | None = None) -> N
     await producer.start()
     platform = PlatformClients.from_settings(settings, recorder)
     budget = MongoBudget(db, daily_cap_usd=settings.daily_budget_usd)
-    llm = LLMClient.from_settings(settings, recorder, budget)
-    images = ImageService.from_settings(settings, recorder, budget)
+    breakers = BreakerBoard(failure_threshold=settings.breaker_failure_threshold,
+                            cooldown_s=settings.breaker_cooldown_s)
+    router = ModelRouter(settings.models, limiter=MongoRateLimiter(db, max_wait_s=settings.rate_limit_max_wait_s),
+                         breakers=breakers, concurrency=concurrency(settings))
+    llm = LLMClient.from_settings(settings, recorder, budget, router)
+    images = ImageService.from_settings(settings, recorder, budget, router)
+    prompts = PromptLibrary()
     upload_http = httpx.AsyncClient(timeout=httpx.Timeout(settings.upload_timeout_s, connect=10))
     services = Services(
         llm=llm, images=images, media=MediaUploader(platform.media, upload_http, recorder), platform=platform,
-        prompts=PromptLibrary(), worlds=MongoWorldStore(db),
+        prompts=prompts, worlds=MongoWorldStore(db),
+        enhance=PromptEnhancer(llm, prompts, enabled=True) if settings.image_prompt_enhance else None,
     )
     policy = RetryPolicy(base_delay_s=settings.retry_base_delay_s, max_delay_s=settings.retry_max_delay_s,
                          max_attempts_overrides=settings.task_max_attempts)
@@ -101,7 +110,7 @@ async def run_worker(settings: Settings, stop: asyncio.Event | None = None) -> N
                                                                 settings.kafka_topic_partitions))
     health = HealthServer(settings.service_host, settings.service_port, stats=lambda: {
         "worker_id": settings.worker_id, "in_flight": consumer.in_flight(), "processed": consumer.processed,
-        "dead_lettered": consumer.dead_lettered})
+        "dead_lettered": consumer.dead_lettered, "breakers": breakers.snapshot()})
     await consumer.start()
     await health.start()
     reconcile_task = asyncio.create_task(reconciler.run(stop))

@@ -1,4 +1,4 @@
-"""The command line: run, dev, send, status, cancel, dlq, platform."""
+"""The command line: run, dev, send, status, cancel, dlq, models, platform."""
 
 from __future__ import annotations
 
@@ -177,6 +177,80 @@ def dlq_replay(
     brokers, tasks, dlq = _kafka_defaults(kafka, topic, dlq_topic)
     letters = asyncio.run(replay(brokers, dlq, tasks, group, limit))
     console.print(f"replayed {len(letters)} message(s) from {dlq} to {tasks}")
+
+
+models_app = typer.Typer(help="The model registry and per-model statistics.", no_args_is_help=True)
+app.add_typer(models_app, name="models")
+
+
+@models_app.command("list")
+def models_list() -> None:
+    """Which model serves each step (with its fallbacks), from the registry file and the environment."""
+    from rich.table import Table
+
+    from ai_worker.llm.registry import RegistryError
+
+    settings = _settings_or_exit()
+    try:
+        registry = settings.models
+        table = Table("step", "model", "provider", "fallbacks", "price", "limits")
+        for step, chain in registry.assignments().items():
+            m = registry.model(chain[0], registry.step_kind(step))
+            price = (f"${m.price_per_image:g}/image" if m.kind == "image"
+                     else f"${m.price_in_per_mtok:g}/${m.price_out_per_mtok:g} per Mtok")
+            limits = ", ".join(f"{k} {v}" for k, v in (("rpm", m.limits.rpm), ("tpm", m.limits.tpm),
+                                                       ("tpd", m.limits.tpd), ("conc", m.max_concurrent)) if v)
+            table.add_row(step, m.id, m.label, ", ".join(chain[1:]) or "-", price, limits or "-")
+    except RegistryError as exc:
+        err_console.print(f"[bold red]model registry error[/]: {exc}")
+        raise typer.Exit(2) from None
+    console.print(table)
+
+
+@models_app.command("stats")
+def models_stats(
+    days: Annotated[int, typer.Option(min=1, help="UTC days to cover, today included")] = 1,
+    world: Annotated[str | None, typer.Option(help="Exact figures for one world, from api_requests_history")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table")] = False,
+    mongo: Annotated[str | None, typer.Option(help="MongoDB URI (default: MONGODB_URI)")] = None,
+    database: Annotated[str | None, typer.Option()] = None,
+) -> None:
+    """Per-model performance: calls, success rate, fallbacks, p50/p95 latency, tokens, cost."""
+    import json
+
+    from pymongo import AsyncMongoClient
+    from rich.table import Table
+
+    from ai_worker.llm.stats import load_rows
+
+    mongo = mongo or os.environ.get("MONGODB_URI", DEFAULT_MONGO)
+    database = database or os.environ.get("MONGODB_DATABASE", "generia_ai_worker")
+
+    async def go() -> list[dict[str, Any]]:
+        client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(mongo, tz_aware=True,
+                                                                     serverSelectionTimeoutMS=10000)
+        try:
+            return [row.as_dict() for row in await load_rows(client[database], days=days, world_id=world)]
+        finally:
+            await client.close()
+
+    try:
+        rows = asyncio.run(go())
+    except Exception as exc:
+        err_console.print(f"[bold red]could not read the statistics[/]: {type(exc).__name__}: {exc}")
+        raise typer.Exit(1) from None
+    if as_json:
+        console.print_json(json.dumps(rows))
+        return
+    table = Table("type", "model", "provider", "calls", "ok %", "fallbacks", "p50 ms", "p95 ms", "tokens in",
+                  "tokens out", "cost $", title=f"world {world}" if world else f"last {days} day(s), UTC")
+    for r in rows:
+        table.add_row(r["api_type"], r["model"], str(r["provider"] or "-"), str(r["calls"]),
+                      f"{100 * r['success_rate']:.1f}", str(r["fallbacks"]), f"{r['p50_ms']:.0f}",
+                      f"{r['p95_ms']:.0f}", str(r["prompt_tokens"]), str(r["completion_tokens"]), f"{r['cost']:.4f}")
+    console.print(table)
+    if not rows:
+        console.print("no provider calls recorded" + (f" for world {world}" if world else " in that period"))
 
 
 @app.command()

@@ -14,15 +14,16 @@ from typing import Literal
 from pydantic import AliasChoices, Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
 
-OPENROUTER_BASE_URL = "https://openrouter.ai/api/v1"
-
-# The LLM steps whose model can be overridden one by one (LLM_MODEL_OVERRIDES).
-LLM_STEPS = (
-    "world_description",
-    "character_batch",
-    "post_batch",
-    "post",
+from ai_worker.llm.registry import (
+    LLM_STEPS,
+    FlatDefaults,
+    ModelChoice,
+    ModelRegistry,
+    RegistryError,
+    load_registry,
 )
+
+OPENROUTER_BASE_URL = "https://openrouter.ai/api/v1"
 
 
 class ConfigError(Exception):
@@ -57,7 +58,8 @@ class Settings(BaseSettings):
     # --- LLM -----------------------------------------------------------------------------------
     openrouter_api_key: str | None = Field(None, alias="OPENROUTER_API_KEY", repr=False)
     llm_base_url: str = Field(OPENROUTER_BASE_URL, alias="LLM_BASE_URL")
-    default_llm_model: str = Field("google/gemini-2.5-flash", alias="DEFAULT_LLM_MODEL")
+    model_registry_file: str | None = Field(None, alias="MODEL_REGISTRY_FILE")
+    default_llm_model: str | None = Field(None, alias="DEFAULT_LLM_MODEL")
     llm_model_overrides: dict[str, str] = Field(default_factory=dict, alias="LLM_MODEL_OVERRIDES")
     llm_timeout_s: float = Field(120.0, alias="LLM_TIMEOUT_S", gt=0)
     llm_max_tokens: int = Field(8000, alias="LLM_MAX_TOKENS", gt=0)
@@ -71,15 +73,23 @@ class Settings(BaseSettings):
     image_price_usd: float = Field(0.04, alias="IMAGE_PRICE_USD", ge=0)
 
     # --- images --------------------------------------------------------------------------------
-    image_provider: Literal["openrouter", "offline"] = Field("openrouter", alias="IMAGE_PROVIDER")
-    image_model: str = Field("google/gemini-2.5-flash-image", alias="IMAGE_MODEL")
+    image_provider: Literal["openrouter", "runware", "offline"] | None = Field(None, alias="IMAGE_PROVIDER")
+    image_model: str | None = Field(None, alias="IMAGE_MODEL")
     image_base_url: str | None = Field(None, alias="IMAGE_BASE_URL")
+    runware_api_key: str | None = Field(None, alias="RUNWARE_API_KEY", repr=False)
+    runware_base_url: str | None = Field(None, alias="RUNWARE_BASE_URL")
+    image_prompt_enhance: bool = Field(False, alias="IMAGE_PROMPT_ENHANCE")
     image_timeout_s: float = Field(180.0, alias="IMAGE_TIMEOUT_S", gt=0)
     max_concurrent_image_requests: int = Field(4, alias="MAX_CONCURRENT_IMAGE_REQUESTS", ge=1)
     upload_timeout_s: float = Field(60.0, alias="UPLOAD_TIMEOUT_S", gt=0)
     provider_max_retries: int = Field(3, alias="PROVIDER_MAX_RETRIES", ge=0, le=20)
     provider_retry_base_s: float = Field(0.5, alias="PROVIDER_RETRY_BASE_S", ge=0)
     provider_retry_max_s: float = Field(10.0, alias="PROVIDER_RETRY_MAX_S", ge=0)
+
+    # --- provider resilience (per model) ---------------------------------------------------------
+    rate_limit_max_wait_s: float = Field(30.0, alias="RATE_LIMIT_MAX_WAIT_S", ge=0)
+    breaker_failure_threshold: int = Field(5, alias="BREAKER_FAILURE_THRESHOLD", ge=1)
+    breaker_cooldown_s: float = Field(30.0, alias="BREAKER_COOLDOWN_S", gt=0)
 
     # --- platform (gRPC) -----------------------------------------------------------------------
     consul_address: str = Field("consul:8500", alias="CONSUL_ADDRESS")
@@ -119,24 +129,38 @@ class Settings(BaseSettings):
     def kafka_bootstrap(self) -> list[str]:
         return [b.strip() for b in self.kafka_brokers.split(",") if b.strip()]
 
-    @property
-    def talks_to_openrouter(self) -> bool:
-        return "openrouter.ai" in self.llm_base_url
+    @cached_property
+    def models(self) -> ModelRegistry:
+        """The model registry file resolved against these settings (raises RegistryError)."""
+        env = dict(os.environ)
+        for name, fld in type(self).model_fields.items():  # values given as keyword overrides count too
+            value = getattr(self, name)
+            if fld.alias and isinstance(value, str) and value:
+                env[fld.alias] = value
+        return ModelRegistry(
+            load_registry(self.model_registry_file),
+            choice=ModelChoice(default_llm_model=self.default_llm_model, llm_model_overrides=self.llm_model_overrides,
+                               image_model=self.image_model, image_provider=self.image_provider),
+            env=env,
+            flat=FlatDefaults(price_in_per_mtok=self.llm_price_in_per_mtok,
+                              price_out_per_mtok=self.llm_price_out_per_mtok,
+                              price_per_image=self.image_price_usd, max_tokens=self.llm_max_tokens),
+        )
 
     def model_for(self, step: str) -> str:
-        return self.llm_model_overrides.get(step, self.default_llm_model)
+        """The id of the model that serves `step` first."""
+        return self.models.primary(step).id
 
     def check_runtime(self) -> None:
         """Checks that need more than one variable; raises ConfigError naming the variable."""
-        if self.talks_to_openrouter and not self.openrouter_api_key:
+        try:
+            missing = self.models.missing_keys()
+        except RegistryError as exc:
+            raise ConfigError(f"invalid configuration:\n  MODEL_REGISTRY_FILE: {exc}") from None
+        if missing:
             raise ConfigError(
-                "OPENROUTER_API_KEY is required when LLM_BASE_URL points at OpenRouter "
-                "(set it, or point LLM_BASE_URL at another OpenAI-compatible endpoint)"
-            )
-        if self.image_provider == "openrouter" and not self.openrouter_api_key and self.image_base_url is None:
-            raise ConfigError(
-                "OPENROUTER_API_KEY is required for IMAGE_PROVIDER=openrouter "
-                "(set it, set IMAGE_BASE_URL, or use IMAGE_PROVIDER=offline)"
+                "missing API key(s):\n  " + "\n  ".join(missing)
+                + "\n(images can also use IMAGE_PROVIDER=offline)"
             )
 
 

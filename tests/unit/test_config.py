@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 from pydantic import AliasChoices
 
-from ai_worker.config import LLM_STEPS, OPENROUTER_BASE_URL, ConfigError, Settings, load_settings
+from ai_worker.config import OPENROUTER_BASE_URL, ConfigError, Settings, load_settings
+from ai_worker.llm.registry import LLM_STEPS
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -120,10 +121,25 @@ def test_openrouter_images_without_api_key(monkeypatch: pytest.MonkeyPatch) -> N
     monkeypatch.setenv("MONGODB_URI", "mongodb://db")
     monkeypatch.setenv("KAFKA_BROKERS", "kafka:9092")
     monkeypatch.setenv("LLM_BASE_URL", "http://localhost:8000/v1")
+    monkeypatch.setenv("IMAGE_BASE_URL", OPENROUTER_BASE_URL)
     with pytest.raises(ConfigError) as info:
         load_settings()
     assert "OPENROUTER_API_KEY" in str(info.value)
-    assert "IMAGE_PROVIDER" in str(info.value)
+    assert "IMAGE_BASE_URL" in str(info.value)
+    assert "post_image" in str(info.value)
+    assert "world_description" not in str(info.value)
+
+
+def test_runware_without_api_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MONGODB_URI", "mongodb://db")
+    monkeypatch.setenv("KAFKA_BROKERS", "kafka:9092")
+    monkeypatch.setenv("OPENROUTER_API_KEY", "sk-x")
+    monkeypatch.setenv("IMAGE_PROVIDER", "runware")
+    with pytest.raises(ConfigError) as info:
+        load_settings()
+    assert "RUNWARE_API_KEY" in str(info.value)
+    monkeypatch.setenv("RUNWARE_API_KEY", "rw-x")
+    assert load_settings().model_for("avatar") == "runware:100@1"
 
 
 def test_other_endpoints_need_no_api_key(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -133,7 +149,9 @@ def test_other_endpoints_need_no_api_key(monkeypatch: pytest.MonkeyPatch) -> Non
     monkeypatch.setenv("IMAGE_PROVIDER", "offline")
     settings = load_settings()
     assert settings.openrouter_api_key is None
-    assert settings.talks_to_openrouter is False
+    assert settings.models.primary("post").base_url == "http://localhost:8000/v1"
+    assert settings.models.primary("post").openrouter_extras is False
+    assert settings.model_for("post_image") == "offline"
 
 
 @pytest.mark.usefixtures("minimal_env")
@@ -152,9 +170,10 @@ def test_defaults_with_minimal_env() -> None:
     assert s.kafka_bootstrap == ["kafka:9092"]
     assert s.max_concurrent_tasks == 16
     assert s.llm_base_url == OPENROUTER_BASE_URL
-    assert s.talks_to_openrouter is True
+    assert s.models.primary("post").openrouter_extras is True
     assert s.llm_model_overrides == {}
-    assert all(s.model_for(step) == s.default_llm_model for step in LLM_STEPS)
+    assert all(s.model_for(step) == "google/gemini-2.5-flash" for step in LLM_STEPS)
+    assert s.model_for("post_image") == "google/gemini-2.5-flash-image"
 
 
 def test_full_valid_env(monkeypatch: pytest.MonkeyPatch) -> None:

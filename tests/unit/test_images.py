@@ -172,7 +172,7 @@ def test_decode_data_url_and_aspect_ratio() -> None:
 
 async def test_service_records_success_without_bytes() -> None:
     recorder = MemoryRecorder()
-    service = ImageService(OfflineImageProvider(), max_concurrency=2, recorder=recorder)
+    service = ImageService.single(OfflineImageProvider(), max_concurrency=2, recorder=recorder)
     image = await service.generate("a red fox", 256, 256, CALL)
     [record] = recorder.records
     assert record.api_type == "image_generation"
@@ -203,7 +203,7 @@ async def test_service_records_failure_with_status_and_cost() -> None:
         return httpx.Response(200, json=image_response(make_image(64, 64), cost=0.039))
 
     recorder = MemoryRecorder()
-    service = ImageService(provider_with(handler), max_concurrency=1, recorder=recorder, retry=NO_RETRY)
+    service = ImageService.single(provider_with(handler), max_concurrency=1, recorder=recorder, retry=NO_RETRY)
     with pytest.raises(ProviderUnavailable):
         await service.generate("x", 64, 64, CALL)
     await service.generate("x", 64, 64, CALL)

@@ -54,15 +54,15 @@ def make_client(
     retry: ProviderRetry = NO_RETRY,
 ) -> LLMClient:
     http = httpx.AsyncClient(transport=httpx.MockTransport(handler))
-    return LLMClient(
+    return LLMClient.single(
         base_url="https://llm.example/api/v1/",
         api_key=api_key,
-        default_model="test/default",
-        model_overrides=overrides or {},
+        model="test/default",
+        overrides=overrides or {},
         timeout_s=5,
         max_concurrency=max_concurrency,
         max_tokens=1234,
-        send_openrouter_extras=extras,
+        openrouter_extras=extras,
         recorder=recorder,
         http=http,
         retry=retry,

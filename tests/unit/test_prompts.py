@@ -11,12 +11,13 @@ from ai_worker.content.prompts import PromptLibrary
 
 PROMPTS_DIR = Path(__file__).resolve().parents[2] / "prompts"
 
-# The keyword arguments each job passes to PromptLibrary.render.
+# The keyword arguments each job (or the image prompt enhancer) passes to PromptLibrary.render.
 JOB_VALUES: dict[str, tuple[str, ...]] = {
     "world_description": ("user_prompt", "users_count", "posts_count"),
     "character_batch": ("world", "existing", "count"),
     "post_batch": ("world", "character", "existing", "count"),
     "post": ("world", "character", "topic", "angle", "post_number"),
+    "image_prompt": ("prompt", "width", "height"),  # images.enhance.PromptEnhancer
 }
 _PLACEHOLDER = re.compile(r"\$(?:\{\s*)?[_a-zA-Z]")
 

@@ -56,9 +56,9 @@ def completion(content: str) -> dict[str, Any]:
 
 
 def llm(handler: Any, recorder: MemoryRecorder, retry: ProviderRetry) -> LLMClient:
-    return LLMClient(
-        base_url="https://llm.example/v1", api_key="k", default_model="m", model_overrides={}, timeout_s=5,
-        max_concurrency=2, max_tokens=100, send_openrouter_extras=False, recorder=recorder,
+    return LLMClient.single(
+        base_url="https://llm.example/v1", api_key="k", model="m", timeout_s=5,
+        max_concurrency=2, max_tokens=100, openrouter_extras=False, recorder=recorder,
         http=httpx.AsyncClient(transport=httpx.MockTransport(handler)), retry=retry,
     )
 
@@ -182,7 +182,7 @@ def images(handler: Any, recorder: MemoryRecorder, retry: ProviderRetry) -> Imag
         base_url="https://img.example/v1", api_key="k", model="img", timeout_s=5, send_openrouter_extras=True,
         http=httpx.AsyncClient(transport=httpx.MockTransport(handler)),
     )
-    return ImageService(provider, max_concurrency=1, recorder=recorder, retry=retry)
+    return ImageService.single(provider, max_concurrency=1, recorder=recorder, retry=retry)
 
 
 async def test_image_transient_failures_are_retried() -> None:

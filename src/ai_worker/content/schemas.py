@@ -59,3 +59,9 @@ class PostContent(_Closed):
     caption: str = Field(description="The post text as the character writes it, in the world's language")
     image_prompt: str = Field(description="English prompt for the picture attached to the post")
     tags: list[str] = Field(description="1 to 5 hashtags without '#'")
+
+
+class EnhancedImagePrompt(_Closed):
+    """An image prompt rewritten by the LLM for the image model (IMAGE_PROMPT_ENHANCE)."""
+
+    prompt: str = Field(description="The improved English image prompt, 40 to 120 words, no text in the image")

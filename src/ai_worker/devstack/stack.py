@@ -88,6 +88,8 @@ class StackInfo:
                     "OPENROUTER_API_KEY": SIMULATOR_API_KEY,
                     "IMAGE_PROVIDER": "openrouter",
                     "IMAGE_BASE_URL": self.simulator_url,
+                    "RUNWARE_BASE_URL": self.simulator_url.removesuffix("/v1") + "/runware/v1",
+                    "RUNWARE_API_KEY": SIMULATOR_API_KEY,
                 }
             )
         if extra:

@@ -1,14 +1,17 @@
-"""The image service: one provider behind a semaphore, with a history record per generation attempt.
+"""The image service: each generation routed to an image model (registry, fallbacks, breakers, shared rate
+limits, and the MAX_CONCURRENT_IMAGE_REQUESTS slots: `ModelRouter`), with a history record per attempt.
 
 Transient failures (429, 5xx, timeouts, an unusable image) are retried inside the call with backoff and
-jitter (`ProviderRetry`, PROVIDER_MAX_RETRIES); every attempt is its own history record, `attempt`
-numbered from 1. The semaphore is not held while waiting to retry."""
+jitter (`ProviderRetry`, PROVIDER_MAX_RETRIES), the next attempt going to the step's fallback model when
+there is one; every attempt is its own history record, `attempt` numbered from 1. The semaphore is not
+held while waiting to retry."""
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
+import functools
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import structlog
@@ -17,114 +20,159 @@ from ai_worker.errors import WorkerError
 from ai_worker.images.base import GeneratedImage, ImageProvider
 from ai_worker.images.offline import OfflineImageProvider
 from ai_worker.images.openrouter import OpenRouterImageProvider
+from ai_worker.images.runware import RunwareImageProvider
 from ai_worker.llm.budget import CallBudget, Unlimited
-from ai_worker.llm.history import ApiRequestRecord, CallContext, Recorder
+from ai_worker.llm.history import ApiRequestRecord, CallContext, MemoryRecorder, Recorder
 from ai_worker.llm.http_errors import status_of
+from ai_worker.llm.registry import FlatDefaults, ModelRegistry, ResolvedModel
 from ai_worker.llm.retrying import ProviderRetry
+from ai_worker.llm.routing import ModelRouter, Route, concurrency
 
 if TYPE_CHECKING:
     from ai_worker.config import Settings
 
 log = structlog.get_logger(__name__)
 
+ProviderFactory = Callable[[ResolvedModel], ImageProvider]
+
+
+def provider_factory(timeout_s: float) -> ProviderFactory:
+    """Build the provider client a registry model names (offline renderer, Runware, OpenAI-compatible)."""
+
+    def build(model: ResolvedModel) -> ImageProvider:
+        if model.provider_kind == "offline":
+            return OfflineImageProvider()
+        if model.provider_kind == "runware":
+            return RunwareImageProvider(base_url=model.base_url or "", api_key=model.api_key, model=model.name,
+                                        timeout_s=timeout_s)
+        return OpenRouterImageProvider(base_url=model.base_url or "", api_key=model.api_key, model=model.name,
+                                       timeout_s=timeout_s, send_openrouter_extras=model.openrouter_extras)
+
+    return build
+
 
 class ImageService:
     def __init__(
         self,
-        provider: ImageProvider,
-        max_concurrency: int,
+        router: ModelRouter,
         recorder: Recorder,
+        *,
+        providers: ProviderFactory,
         retry: ProviderRetry | None = None,
         budget: CallBudget | None = None,
-        price_usd: float = 0.0,
     ) -> None:
-        if max_concurrency < 1:
-            raise ValueError("max_concurrency must be at least 1")
+        self.router = router
+        self._factory = providers
+        self._providers: dict[str, ImageProvider] = {}
         self._budget: CallBudget = budget if budget is not None else Unlimited()
-        self._price = 0.0 if provider.name == "offline" else price_usd
-        self.provider = provider
-        self._semaphore = asyncio.Semaphore(max_concurrency)
         self._recorder = recorder
         self._retry = retry if retry is not None else ProviderRetry()
 
     @classmethod
-    def from_settings(cls, settings: Settings, recorder: Recorder, budget: CallBudget | None = None) -> ImageService:
-        provider: ImageProvider
-        if settings.image_provider == "offline":
-            provider = OfflineImageProvider()
-        else:
-            provider = OpenRouterImageProvider(
-                base_url=settings.image_base_url or settings.llm_base_url,
-                api_key=settings.openrouter_api_key,
-                model=settings.image_model,
-                timeout_s=settings.image_timeout_s,
-                send_openrouter_extras=settings.talks_to_openrouter,
-            )
-        return cls(provider, settings.max_concurrent_image_requests, recorder, ProviderRetry.from_settings(settings),
-                   budget=budget, price_usd=settings.image_price_usd)
+    def from_settings(
+        cls, settings: Settings, recorder: Recorder, budget: CallBudget | None = None,
+        router: ModelRouter | None = None,
+    ) -> ImageService:
+        if router is None:
+            router = ModelRouter(settings.models, concurrency=concurrency(settings))
+        return cls(router, recorder, providers=provider_factory(settings.image_timeout_s),
+                   retry=ProviderRetry.from_settings(settings), budget=budget)
+
+    @classmethod
+    def single(
+        cls, provider: ImageProvider, max_concurrency: int = 4, recorder: Recorder | None = None,
+        retry: ProviderRetry | None = None, budget: CallBudget | None = None, price_usd: float = 0.0,
+    ) -> ImageService:
+        """One provider for every image step (tools and tests)."""
+        registry = ModelRegistry.single(
+            base_url="", api_key=None, model=provider.model, kind="image",
+            flat=FlatDefaults(price_per_image=price_usd),
+            provider_kind="offline" if provider.name == "offline" else "openai")
+        return cls(ModelRouter(registry, concurrency={"image": max_concurrency}),
+                   recorder if recorder is not None else MemoryRecorder(),
+                   providers=lambda _model: provider, retry=retry, budget=budget)
+
+    def provider_for(self, model: ResolvedModel) -> ImageProvider:
+        provider = self._providers.get(model.id)
+        if provider is None:
+            provider = self._providers[model.id] = self._factory(model)
+        return provider
+
+    @property
+    def provider(self) -> ImageProvider:
+        """The provider of the default image step's primary model."""
+        return self.provider_for(self.router.registry.primary("post_image", "image"))
 
     async def aclose(self) -> None:
-        closer = getattr(self.provider, "aclose", None)
-        if closer is not None:
-            await closer()
+        for provider in {id(p): p for p in self._providers.values()}.values():
+            closer = getattr(provider, "aclose", None)
+            if closer is not None:
+                await closer()
 
     async def generate(self, prompt: str, width: int, height: int, call: CallContext) -> GeneratedImage:
-        """Generate one image, retrying transient failures; raises the last error when they run out."""
+        """Generate one image for step `call.request_type`, retrying transient failures (on the fallback
+        model when there is one); raises the last error when they run out."""
         attempt = 0
+        failed: set[str] = set()
         async for retry in self._retry.retrying():
             with retry:
                 attempt += 1
-                return await self._paid_attempt(prompt, width, height, call, attempt)
+                number = attempt
+                return await self.router.attempt(
+                    call.request_type, "image", failed,
+                    functools.partial(self._paid_attempt, prompt=prompt, width=width, height=height, call=call,
+                                      attempt=number))
         raise AssertionError("unreachable: tenacity either returns or re-raises")  # pragma: no cover
 
     async def _paid_attempt(
-        self, prompt: str, width: int, height: int, call: CallContext, attempt: int
+        self, route: Route, prompt: str, width: int, height: int, call: CallContext, attempt: int
     ) -> GeneratedImage:
         """Reserve the image price against the budgets, generate, settle to the real cost (refunded on
         failure)."""
-        reservation = await self._budget.reserve(call, "image", self._price)
+        reservation = await self._budget.reserve(call, "image", route.model.price_per_image)
         spent = 0.0
         try:
-            image = await self._attempt(prompt, width, height, call, attempt)
+            image = await self._attempt(route, prompt, width, height, call, attempt)
             spent = image.cost
             return image
         finally:
             await self._budget.settle(reservation, spent)
 
     async def _attempt(
-        self, prompt: str, width: int, height: int, call: CallContext, attempt: int
+        self, route: Route, prompt: str, width: int, height: int, call: CallContext, attempt: int
     ) -> GeneratedImage:
         """One provider request, recorded in the history (failed ones too) and logged."""
+        model = route.model
+        provider = self.provider_for(model)
         record = ApiRequestRecord(
             api_type="image_generation", task_id=call.task_id, world_id=call.world_id,
             request_type=call.request_type,
-            request_data={"prompt": prompt, "width": width, "height": height, "model": self.provider.model},
-            duration_ms=0, model=self.provider.model, provider=self.provider.name, attempt=attempt,
-            task_attempt=call.attempt,
+            request_data={"prompt": prompt, "width": width, "height": height, "model": provider.model},
+            duration_ms=0, model=model.id, requested_model=route.requested.id, fallback=route.fallback,
+            provider=provider.name, attempt=attempt, task_attempt=call.attempt,
         )
-        async with self._semaphore:
-            started = time.monotonic()
-            try:
-                image = await self.provider.generate(prompt, width, height)
-                if image.cost == 0 and self._price:  # no cost from the provider: use the configured price
-                    image = dataclasses.replace(image, cost=self._price)
-            except Exception as exc:
-                record.error_type = exc.error_type if isinstance(exc, WorkerError) else "unexpected"
-                record.error, record.status, record.status_code = str(exc), "error", status_of(exc)
-                record.duration_ms = int((time.monotonic() - started) * 1000)
-                await self._record(record)
-                log.warning("image_generation_failed", model=record.model, request_type=call.request_type,
-                            task_id=call.task_id, attempt=attempt, error_type=record.error_type,
-                            error=record.error, duration_ms=record.duration_ms)
-                raise
+        started = time.monotonic()
+        try:
+            image = await provider.generate(prompt, width, height)
+            if image.cost == 0 and model.price_per_image:  # no cost from the provider: the registry's price
+                image = dataclasses.replace(image, cost=model.price_per_image)
+        except Exception as exc:
+            record.error_type = exc.error_type if isinstance(exc, WorkerError) else "unexpected"
+            record.error, record.status, record.status_code = str(exc), "error", status_of(exc)
+            record.duration_ms = int((time.monotonic() - started) * 1000)
+            await self._record(record)
+            log.warning("image_generation_failed", model=record.model, request_type=call.request_type,
+                        task_id=call.task_id, attempt=attempt, error_type=record.error_type,
+                        error=record.error, duration_ms=record.duration_ms)
+            raise
         record.duration_ms = int((time.monotonic() - started) * 1000)
-        record.model, record.provider, record.cost = image.model, image.provider, image.cost
+        record.provider, record.cost = image.provider, image.cost
         record.response_data = {"width": image.width, "height": image.height, "bytes": len(image.data),
                                 "content_type": image.content_type}
         await self._record(record)
-        log.info("image_generated", model=image.model, provider=image.provider, request_type=call.request_type,
-                 task_id=call.task_id, width=image.width, height=image.height, bytes=len(image.data),
-                 cost=image.cost, duration_ms=record.duration_ms)
+        log.info("image_generated", model=model.id, fallback=route.fallback, provider=image.provider,
+                 request_type=call.request_type, task_id=call.task_id, width=image.width, height=image.height,
+                 bytes=len(image.data), cost=image.cost, duration_ms=record.duration_ms)
         return image
 
     async def _record(self, record: ApiRequestRecord) -> None:

@@ -5,13 +5,14 @@ JSON for the schema, one repair request that shows the model its reply and the e
 retried on transient errors (429, 5xx, timeouts) up to PROVIDER_MAX_RETRIES times with backoff and
 jitter (`ProviderRetry`); permanent errors are raised at once. Every HTTP attempt is recorded
 (`api_requests_history`, `attempt` numbered from 1 within the call), failed ones included. A semaphore
-bounds the number of requests in flight (MAX_CONCURRENT_LLM_REQUESTS); it is not held while waiting to
-retry.
+in the router bounds the number of requests in flight (MAX_CONCURRENT_LLM_REQUESTS); it is not held while
+waiting to retry. Each attempt is routed (`ModelRouter`): the step's model from the registry, or its fallback when
+the model's breaker is open or it already failed in this call, within the model's shared rate limits.
 """
 
 from __future__ import annotations
 
-import asyncio
+import functools
 import json
 import re
 import time
@@ -23,7 +24,7 @@ import httpx
 import structlog
 from pydantic import BaseModel, ValidationError
 
-from ai_worker.errors import InvalidOutput, WorkerError
+from ai_worker.errors import InvalidOutput, ProviderRejected, WorkerError
 from ai_worker.llm.budget import CallBudget, Unlimited
 from ai_worker.llm.history import ApiRequestRecord, CallContext, Recorder
 from ai_worker.llm.http_errors import (
@@ -34,7 +35,9 @@ from ai_worker.llm.http_errors import (
     error_for_transport,
     status_of,
 )
+from ai_worker.llm.registry import FlatDefaults, ModelRegistry, ResolvedModel
 from ai_worker.llm.retrying import ProviderRetry
+from ai_worker.llm.routing import ModelRouter, Route, concurrency
 from ai_worker.llm.schema import strict_json_schema
 
 if TYPE_CHECKING:
@@ -151,66 +154,70 @@ class _Attempt:
     usage: LLMUsage
     value: BaseModel | None
     problem: str | None
+    model: str
 
 
 class LLMClient:
     def __init__(
         self,
         *,
-        base_url: str,
-        api_key: str | None,
-        default_model: str,
-        model_overrides: Mapping[str, str],
-        timeout_s: float,
-        max_concurrency: int,
-        max_tokens: int,
-        send_openrouter_extras: bool,
+        router: ModelRouter,
         recorder: Recorder,
+        timeout_s: float = 120.0,
         http: httpx.AsyncClient | None = None,
         retry: ProviderRetry | None = None,
         budget: CallBudget | None = None,
-        price_in_per_mtok: float = 0.0,
-        price_out_per_mtok: float = 0.0,
     ) -> None:
-        if max_concurrency < 1:
-            raise ValueError("max_concurrency must be at least 1")
+        self.router = router
         self._budget: CallBudget = budget if budget is not None else Unlimited()
-        self._price_in = price_in_per_mtok / 1e6
-        self._price_out = price_out_per_mtok / 1e6
-        self._url = base_url.rstrip("/") + "/chat/completions"
-        self._api_key = api_key
-        self._default_model = default_model
-        self._overrides = dict(model_overrides)
         self._timeout = httpx.Timeout(timeout_s, connect=10.0)
-        self._semaphore = asyncio.Semaphore(max_concurrency)
-        self._max_tokens = max_tokens
-        self._extras = send_openrouter_extras
-        self._provider = "openrouter" if send_openrouter_extras else "openai-compatible"
         self._recorder = recorder
         self._retry = retry if retry is not None else ProviderRetry()
         self._owns_http = http is None
         self._http = http if http is not None else httpx.AsyncClient(timeout=self._timeout)
 
     @classmethod
-    def from_settings(cls, settings: Settings, recorder: Recorder, budget: CallBudget | None = None) -> LLMClient:
+    def from_settings(
+        cls, settings: Settings, recorder: Recorder, budget: CallBudget | None = None,
+        router: ModelRouter | None = None,
+    ) -> LLMClient:
         return cls(
-            base_url=settings.llm_base_url,
-            api_key=settings.openrouter_api_key,
-            default_model=settings.default_llm_model,
-            model_overrides=settings.llm_model_overrides,
-            timeout_s=settings.llm_timeout_s,
-            max_concurrency=settings.max_concurrent_llm_requests,
-            max_tokens=settings.llm_max_tokens,
-            send_openrouter_extras=settings.talks_to_openrouter,
+            router=router if router is not None else ModelRouter(settings.models, concurrency=concurrency(settings)),
             recorder=recorder,
+            timeout_s=settings.llm_timeout_s,
             retry=ProviderRetry.from_settings(settings),
             budget=budget,
-            price_in_per_mtok=settings.llm_price_in_per_mtok,
-            price_out_per_mtok=settings.llm_price_out_per_mtok,
         )
 
+    @classmethod
+    def single(
+        cls,
+        *,
+        base_url: str,
+        api_key: str | None,
+        model: str,
+        recorder: Recorder,
+        overrides: Mapping[str, str] | None = None,
+        openrouter_extras: bool | None = None,
+        max_tokens: int = 8000,
+        price_in_per_mtok: float = 0.0,
+        price_out_per_mtok: float = 0.0,
+        timeout_s: float = 120.0,
+        max_concurrency: int = 8,
+        http: httpx.AsyncClient | None = None,
+        retry: ProviderRetry | None = None,
+        budget: CallBudget | None = None,
+    ) -> LLMClient:
+        """A client for one OpenAI-compatible endpoint and model (tools and tests)."""
+        registry = ModelRegistry.single(
+            base_url=base_url, api_key=api_key, model=model, overrides=overrides, openrouter_extras=openrouter_extras,
+            flat=FlatDefaults(price_in_per_mtok=price_in_per_mtok, price_out_per_mtok=price_out_per_mtok,
+                              max_tokens=max_tokens))
+        return cls(router=ModelRouter(registry, concurrency={"llm": max_concurrency}), recorder=recorder,
+                   timeout_s=timeout_s, http=http, retry=retry, budget=budget)
+
     def model_for(self, step: str) -> str:
-        return self._overrides.get(step, self._default_model)
+        return self.router.registry.primary(step).id
 
     async def aclose(self) -> None:
         if self._owns_http:
@@ -220,22 +227,23 @@ class LLMClient:
         self, prompt: Prompt, schema: type[T], call: CallContext, *, step: str | None = None
     ) -> LLMResult[T]:
         """Ask for a JSON object valid for `schema`; repair once; raise InvalidOutput if still invalid."""
-        model = self.model_for(step or call.request_type)
+        step = step or call.request_type
         messages: list[dict[str, str]] = [
             {"role": "system", "content": prompt.system},
             {"role": "user", "content": prompt.user},
         ]
-        log.debug("llm_prompt", model=model, request_type=call.request_type, messages=messages)
+        log.debug("llm_prompt", step=step, request_type=call.request_type, messages=messages)
 
         counter = [0]
-        first = await self._request(model, messages, schema, call, counter)
+        first = await self._request(step, messages, schema, call, counter)
         usage = first.usage
         if first.value is not None:
-            return LLMResult(value=self._typed(first.value, schema), usage=usage, model=model, calls=counter[0])
+            return LLMResult(value=self._typed(first.value, schema), usage=usage, model=first.model,
+                             calls=counter[0])
 
         log.warning(
             "llm_output_invalid_repairing",
-            model=model,
+            model=first.model,
             request_type=call.request_type,
             task_id=call.task_id,
             problem=first.problem,
@@ -252,25 +260,34 @@ class LLMClient:
                 ),
             }
         )
-        second = await self._request(model, repair, schema, call, counter)
+        second = await self._request(step, repair, schema, call, counter)
         usage = usage + second.usage
         if second.value is not None:
-            return LLMResult(value=self._typed(second.value, schema), usage=usage, model=model, calls=counter[0])
+            return LLMResult(value=self._typed(second.value, schema), usage=usage, model=second.model,
+                             calls=counter[0])
         raise InvalidOutput(f"{schema.__name__} output still invalid after repair: {second.problem}")
 
     async def _request(
         self,
-        model: str,
+        step: str,
         messages: list[dict[str, str]],
         schema: type[BaseModel],
         call: CallContext,
         counter: list[int],
     ) -> _Attempt:
-        """One request with in-call retries of transient errors; `counter` numbers the HTTP attempts."""
+        """One request with in-call retries of transient errors (each attempt routed: a model that failed
+        hands the next attempt to its fallback); `counter` numbers the HTTP attempts."""
+        failed: set[str] = set()
         async for retry in self._retry.retrying():
             with retry:
                 counter[0] += 1
-                return await self._attempt(model, messages, schema, call, attempt=counter[0])
+                number = counter[0]
+                return await self.router.attempt(
+                    step, "llm", failed,
+                    functools.partial(self._attempt, messages=messages, schema=schema, call=call, attempt=number),
+                    tokens=lambda model: self.max_tokens_of(model, messages),
+                    used_tokens=lambda result: result.usage.total_tokens,
+                )
         raise AssertionError("unreachable: tenacity either returns or re-raises")  # pragma: no cover
 
     @staticmethod
@@ -279,9 +296,10 @@ class LLMClient:
             raise InvalidOutput(f"expected {schema.__name__}, got {type(value).__name__}")
         return value
 
-    def _payload(self, model: str, messages: list[dict[str, str]], schema: type[BaseModel]) -> dict[str, Any]:
+    @staticmethod
+    def _payload(model: ResolvedModel, messages: list[dict[str, str]], schema: type[BaseModel]) -> dict[str, Any]:
         payload: dict[str, Any] = {
-            "model": model,
+            "model": model.name,
             "messages": messages,
             "response_format": {
                 "type": "json_schema",
@@ -291,17 +309,18 @@ class LLMClient:
                     "schema": strict_json_schema(schema),
                 },
             },
-            "max_tokens": self._max_tokens,
+            "max_tokens": model.max_tokens,
         }
-        if self._extras:
+        if model.openrouter_extras:
             payload["provider"] = {"require_parameters": True}
             payload["usage"] = {"include": True}
         return payload
 
-    def _headers(self) -> dict[str, str]:
+    @staticmethod
+    def _headers(model: ResolvedModel) -> dict[str, str]:
         headers = {"Content-Type": "application/json"}
-        if self._api_key:
-            headers["Authorization"] = f"Bearer {self._api_key}"
+        if model.api_key:
+            headers["Authorization"] = f"Bearer {model.api_key}"
         return headers
 
     @staticmethod
@@ -319,15 +338,23 @@ class LLMClient:
             detail = _describe_validation_error(exc)[:_MAX_ERROR_IN_REPAIR]
             return None, f"the JSON does not match the schema ({detail})"
 
-    def max_cost(self, messages: list[dict[str, str]]) -> float:
-        """The most one request can cost: prompt (over-estimated at 3 characters a token) x input price
-        + max tokens x output price. Reserved against the budgets before the request."""
-        prompt_tokens = sum(len(m.get("content", "")) for m in messages) / 3 + 16 * len(messages)
-        return prompt_tokens * self._price_in + self._max_tokens * self._price_out
+    @staticmethod
+    def prompt_tokens_estimate(messages: list[dict[str, str]]) -> int:
+        """Prompt tokens, over-estimated at 3 characters a token plus 16 a message."""
+        return int(sum(len(m.get("content", "")) for m in messages) / 3) + 16 * len(messages)
+
+    def max_tokens_of(self, model: ResolvedModel, messages: list[dict[str, str]]) -> int:
+        """The most tokens one request can use: taken from the model's token rate limits beforehand."""
+        return self.prompt_tokens_estimate(messages) + model.max_tokens
+
+    def max_cost(self, model: ResolvedModel, messages: list[dict[str, str]]) -> float:
+        """The most one request can cost: prompt estimate x input price + max tokens x output price.
+        Reserved against the budgets before the request."""
+        return self.prompt_tokens_estimate(messages) * model.price_in + model.max_tokens * model.price_out
 
     async def _attempt(
         self,
-        model: str,
+        route: Route,
         messages: list[dict[str, str]],
         schema: type[BaseModel],
         call: CallContext,
@@ -336,10 +363,10 @@ class LLMClient:
     ) -> _Attempt:
         """One paid request: reserve its maximum cost, make it, settle to the real cost (a failed request
         is refunded: providers do not bill errors)."""
-        reservation = await self._budget.reserve(call, "llm", self.max_cost(messages))
+        reservation = await self._budget.reserve(call, "llm", self.max_cost(route.model, messages))
         spent = 0.0
         try:
-            result = await self._attempt_unbudgeted(model, messages, schema, call, attempt=attempt)
+            result = await self._attempt_unbudgeted(route, messages, schema, call, attempt=attempt)
             spent = result.usage.cost
             return result
         finally:
@@ -347,7 +374,7 @@ class LLMClient:
 
     async def _attempt_unbudgeted(
         self,
-        model: str,
+        route: Route,
         messages: list[dict[str, str]],
         schema: type[BaseModel],
         call: CallContext,
@@ -356,11 +383,12 @@ class LLMClient:
     ) -> _Attempt:
         """One HTTP request. Raises the classified error for transport/HTTP/provider failures (after
         recording it); returns an `_Attempt` whose `problem` is set when the output is unusable."""
+        model = route.model
         payload = self._payload(model, messages, schema)
         request_data: dict[str, Any] = {
-            "model": model,
+            "model": model.name,
             "messages": messages,
-            "max_tokens": self._max_tokens,
+            "max_tokens": model.max_tokens,
             "schema": schema.__name__,
         }
         started = time.monotonic()
@@ -370,14 +398,13 @@ class LLMClient:
         content = ""
         response_data: dict[str, Any] | None = None
         try:
-            async with self._semaphore:
-                started = time.monotonic()
-                try:
-                    response = await self._http.post(
-                        self._url, json=payload, headers=self._headers(), timeout=self._timeout
-                    )
-                except httpx.HTTPError as exc:
-                    raise error_for_transport(exc) from exc
+            started = time.monotonic()
+            try:
+                response = await self._http.post(
+                    _chat_url(model), json=payload, headers=self._headers(model), timeout=self._timeout
+                )
+            except httpx.HTTPError as exc:
+                raise error_for_transport(exc) from exc
             status_code = response.status_code
             http_error = error_for_status(response)
             if http_error is not None:
@@ -385,7 +412,7 @@ class LLMClient:
             body = decode_json_body(response)
             usage = LLMUsage.from_response(body)
             if usage.cost == 0 and usage.total_tokens:  # no cost from the provider: price it ourselves
-                usage.cost = usage.prompt_tokens * self._price_in + usage.completion_tokens * self._price_out
+                usage.cost = usage.prompt_tokens * model.price_in + usage.completion_tokens * model.price_out
             body_error = error_for_body(body, status_code)
             if body_error is not None:
                 raise body_error
@@ -410,7 +437,7 @@ class LLMClient:
         await self._record(
             call,
             attempt=attempt,
-            model=model,
+            route=route,
             request_data=request_data,
             response_data=response_data,
             usage=usage,
@@ -419,22 +446,22 @@ class LLMClient:
             error=failure if failure is not None else (InvalidOutput(problem) if problem is not None else None),
         )
         if failure is not None:
-            log.warning("llm_call_failed", model=model, request_type=call.request_type, task_id=call.task_id,
+            log.warning("llm_call_failed", model=model.id, request_type=call.request_type, task_id=call.task_id,
                         attempt=attempt, status_code=status_code, error_type=failure.error_type,
                         error=str(failure), duration_ms=duration_ms)
             raise failure
-        log.info("llm_call", model=model, request_type=call.request_type, task_id=call.task_id, attempt=attempt,
-                 valid=problem is None, prompt_tokens=usage.prompt_tokens,
+        log.info("llm_call", model=model.id, fallback=route.fallback, request_type=call.request_type,
+                 task_id=call.task_id, attempt=attempt, valid=problem is None, prompt_tokens=usage.prompt_tokens,
                  completion_tokens=usage.completion_tokens, cost=usage.cost, duration_ms=duration_ms)
-        log.debug("llm_reply", model=model, content=content[:MAX_RECORDED_CONTENT])
-        return _Attempt(content=content, usage=usage, value=value, problem=problem)
+        log.debug("llm_reply", model=model.id, content=content[:MAX_RECORDED_CONTENT])
+        return _Attempt(content=content, usage=usage, value=value, problem=problem, model=model.id)
 
     async def _record(
         self,
         call: CallContext,
         *,
         attempt: int,
-        model: str,
+        route: Route,
         request_data: dict[str, Any],
         response_data: dict[str, Any] | None,
         usage: LLMUsage,
@@ -454,8 +481,10 @@ class LLMClient:
             status="error" if error is not None else "ok",
             status_code=status_code,
             duration_ms=duration_ms,
-            model=model,
-            provider=self._provider,
+            model=route.model.id,
+            requested_model=route.requested.id,
+            fallback=route.fallback,
+            provider=route.model.label,
             attempt=attempt,
             task_attempt=call.attempt,
             prompt_tokens=usage.prompt_tokens,
@@ -469,6 +498,12 @@ class LLMClient:
             await self._recorder.record(record)
         except Exception:  # history is best effort: never turn a paid, successful call into a failure
             log.exception("llm_record_failed", request_type=call.request_type, task_id=call.task_id)
+
+
+def _chat_url(model: ResolvedModel) -> str:
+    if not model.base_url:
+        raise ProviderRejected(f"model {model.id!r} has no base URL (provider {model.provider!r})")
+    return model.base_url.rstrip("/") + "/chat/completions"
 
 
 def _first_message(body: Mapping[str, Any]) -> tuple[str, str | None]:

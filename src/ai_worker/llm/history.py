@@ -8,7 +8,13 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Literal, Protocol
 
+import structlog
 from pydantic import BaseModel, Field
+from pymongo.errors import DuplicateKeyError
+
+from ai_worker.llm.stats import STATS_COLLECTION, stats_update
+
+log = structlog.get_logger(__name__)
 
 ApiType = Literal["llm", "image_generation", "grpc", "upload"]
 
@@ -40,6 +46,8 @@ class ApiRequestRecord(BaseModel):
     status_code: int | None = None
     duration_ms: int
     model: str | None = None
+    requested_model: str | None = None  # the step's primary model; differs from `model` on a fallback
+    fallback: bool = False
     provider: str | None = None
     attempt: int = 1
     task_attempt: int = 1
@@ -59,14 +67,25 @@ class Recorder(Protocol):
 
 
 class MongoRecorder:
-    """Inserts history documents and keeps the world's call/cost counters (one $inc per call)."""
+    """Inserts history documents and keeps the world's call/cost counters (one $inc per call) and the
+    per-model summary (`model_stats`, one $inc per provider attempt)."""
 
     def __init__(self, db: Any) -> None:
         self._history = db[HISTORY_COLLECTION]
         self._worlds = db[WORLD_STATUS_COLLECTION]
+        self._stats = db[STATS_COLLECTION]
 
     async def record(self, record: ApiRequestRecord) -> None:
-        await self._history.insert_one(record.model_dump(by_alias=True))
+        doc = record.model_dump(by_alias=True)
+        await self._history.insert_one(doc)
+        if record.api_type in ("llm", "image_generation"):
+            try:
+                try:
+                    await self._stats.update_one(*stats_update(doc), upsert=True)
+                except DuplicateKeyError:  # two processes created the day's document at once: it exists now
+                    await self._stats.update_one(*stats_update(doc), upsert=True)
+            except Exception as exc:  # a summary, not the ledger: never fail the call over it
+                log.warning("model_stats_update_failed", model=record.model, error=str(exc))
         if record.world_id is None:
             return
         inc: dict[str, Any]

@@ -46,6 +46,7 @@ class Services:
     platform: Any  # ai_worker.platform.PlatformClients
     prompts: Any  # ai_worker.content.prompts.PromptLibrary
     worlds: WorldStore
+    enhance: Any = None  # ai_worker.images.enhance.PromptEnhancer (IMAGE_PROMPT_ENHANCE), or None
 
 
 class JobContext:
@@ -133,6 +134,9 @@ class JobContext:
     ) -> str:
         """Generate an image and deliver it through the Media presigned flow; returns the media id."""
         self.check_alive()
+        if self.services.enhance is not None:
+            prompt = await self.services.enhance(prompt, width, height, self.call("image_prompt"))
+            self.check_alive()
         image = await self.services.images.generate(prompt, width, height, self.call(step))
         self.check_alive()
         media_id: str = await self.services.media.upload(

@@ -1,0 +1,168 @@
+"""Which model one provider request goes to, and what it may take: fallback chain, per-model circuit
+breakers, rate limits shared through MongoDB, and per-model concurrency. The LLM client and the image
+service both route through a `ModelRouter`; one `attempt` is one HTTP request.
+
+Choosing a model: the step's chain is the registry's primary then its fallbacks. An attempt goes to the
+first model of the chain whose breaker lets it through and that has not already failed with a transient
+error earlier in the same call (so a 5xx, timeout, 429 or unusable image moves the call's next attempt
+to the next model at once, the way OpenRouter's own `models` fallback does). When every model has failed
+in this call, the chain is tried again from the top. When every breaker is open the attempt fails with
+`ProviderUnavailable` (retryable) without a request.
+
+Breakers count 5xx, connection errors and timeouts (`MODEL_FAILURES`); a 429 does not (it slows the
+model's shared rate-limit bucket instead: `penalize`), nor do permanent errors or a reply that did not
+fit the schema. The request records the model that served it, the model the step asked for, and whether
+that was a fallback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import structlog
+
+from ai_worker.errors import ProviderTimeout, ProviderUnavailable, RateLimited
+from ai_worker.llm.breaker import BreakerBoard
+from ai_worker.llm.ratelimit import NoRateLimit, Permit, RateLimiter
+from ai_worker.llm.registry import ModelKind, ModelRegistry, ResolvedModel
+from ai_worker.llm.retrying import RETRYABLE_IN_CALL
+
+if TYPE_CHECKING:
+    from ai_worker.config import Settings
+
+T = TypeVar("T")
+
+log = structlog.get_logger(__name__)
+
+# Errors that say the model is unwell (not the request): they count against its circuit breaker.
+MODEL_FAILURES: tuple[type[BaseException], ...] = (ProviderUnavailable, ProviderTimeout)
+
+
+def concurrency(settings: Settings) -> dict[ModelKind, int]:
+    """Requests in flight per kind in one process (MAX_CONCURRENT_LLM_REQUESTS / _IMAGE_REQUESTS)."""
+    return {"llm": settings.max_concurrent_llm_requests, "image": settings.max_concurrent_image_requests}
+
+
+@dataclass(frozen=True)
+class Route:
+    model: ResolvedModel
+    requested: ResolvedModel
+
+    @property
+    def fallback(self) -> bool:
+        return self.model.id != self.requested.id
+
+
+class ModelRouter:
+    def __init__(
+        self,
+        registry: ModelRegistry,
+        *,
+        limiter: RateLimiter | None = None,
+        breakers: BreakerBoard | None = None,
+        concurrency: Mapping[ModelKind, int] | None = None,
+    ) -> None:
+        self.registry = registry
+        self.limiter: RateLimiter = limiter if limiter is not None else NoRateLimit()
+        self.breakers = breakers if breakers is not None else BreakerBoard()
+        self._semaphores: dict[str, asyncio.Semaphore] = {}
+        limits = {"llm": 8, "image": 4, **(concurrency or {})}
+        if min(limits.values()) < 1:
+            raise ValueError("concurrency limits must be at least 1")
+        self._kind_semaphores = {kind: asyncio.Semaphore(n) for kind, n in limits.items()}
+
+    def chain(self, step: str, kind: ModelKind) -> list[ResolvedModel]:
+        return self.registry.chain(step, kind)
+
+    def route(self, step: str, kind: ModelKind, failed: set[str]) -> Route:
+        """The model for the next attempt of a call (see the module docstring); `failed` holds the ids that
+        failed transiently earlier in the same call."""
+        chain = self.chain(step, kind)
+        fresh = [m for m in chain if m.id not in failed] or chain
+        for model in fresh:
+            if self.breakers.get(model.provider, model.name).allow():
+                if model.id != chain[0].id:
+                    log.info("model_fallback", step=step, requested=chain[0].id, model=model.id)
+                return Route(model=model, requested=chain[0])
+        wait = min(self.breakers.get(m.provider, m.name).retry_after_s() for m in chain)
+        raise ProviderUnavailable(
+            f"circuit open for every model of step {step} ({', '.join(m.id for m in chain)}); "
+            f"next probe in {wait:.1f}s")
+
+    def _semaphore(self, model: ResolvedModel) -> contextlib.AbstractAsyncContextManager[Any]:
+        if not model.max_concurrent:
+            return contextlib.nullcontext()
+        sem = self._semaphores.get(model.id)
+        if sem is None:
+            sem = self._semaphores[model.id] = asyncio.Semaphore(model.max_concurrent)
+        return sem
+
+    async def attempt(
+        self,
+        step: str,
+        kind: ModelKind,
+        failed: set[str],
+        fn: Callable[[Route], Awaitable[T]],
+        *,
+        tokens: Callable[[ResolvedModel], int] = lambda _m: 0,
+        used_tokens: Callable[[T], int] = lambda _r: 0,
+    ) -> T:
+        """One request: route it, take the model's rate-limit permit and concurrency slot, run `fn`, and
+        report the outcome to the breaker and the limiter."""
+        route = self.route(step, kind, failed)
+        try:
+            return await self._run(route, fn, tokens(route.model), used_tokens)
+        except RETRYABLE_IN_CALL:
+            failed.add(route.model.id)
+            raise
+
+    async def _run(
+        self, route: Route, fn: Callable[[Route], Awaitable[T]], tokens: int, used_tokens: Callable[[T], int]
+    ) -> T:
+        """Slots first (this process's MAX_CONCURRENT_* for the kind, then the model's max_concurrent), then
+        the shared rate-limit permit, then the request at once: a permit is never held while queueing, so
+        requests reach the provider at the pace the permits were granted. The breaker hears one verdict:
+        success, failure (MODEL_FAILURES), or none (`release`)."""
+        model = route.model
+        breaker = self.breakers.get(model.provider, model.name)
+        verdict: bool | None = None
+        try:
+            async with self._kind_semaphores[model.kind], self._semaphore(model):
+                permit = await self.limiter.acquire(model.id, model.limits, tokens)
+                actual = 0
+                try:
+                    result = await fn(route)
+                    actual = used_tokens(result)
+                    verdict = True
+                    return result
+                except RateLimited as exc:
+                    await self._penalize(model, exc)
+                    raise
+                except MODEL_FAILURES:
+                    verdict = False
+                    raise
+                finally:
+                    await self._settle(permit, model, actual)
+        finally:
+            if verdict is True:
+                breaker.record_success()
+            elif verdict is False:
+                breaker.record_failure()
+            else:
+                breaker.release()
+
+    async def _settle(self, permit: Permit, model: ResolvedModel, actual_tokens: int) -> None:
+        try:
+            await self.limiter.settle(permit, model.limits, actual_tokens)
+        except Exception as exc:  # the permit stays taken: conservative, never over the limit
+            log.warning("rate_limit_settle_failed", model=model.id, error=str(exc))
+
+    async def _penalize(self, model: ResolvedModel, exc: RateLimited) -> None:
+        try:
+            await self.limiter.penalize(model.id, exc.retry_after_s)
+        except Exception as err:
+            log.warning("rate_limit_penalize_failed", model=model.id, error=str(err))

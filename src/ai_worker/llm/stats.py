@@ -1,0 +1,182 @@
+"""Per-model performance summary: calls, success rate, p50/p95 latency, tokens, cost.
+
+Every provider attempt the recorder stores also adds to one `model_stats` document per (UTC day, API
+type, model) with a single `$inc` (counters, token and cost sums, and a latency histogram with fixed
+buckets), so the summary costs nothing to keep and reads in one query whatever the traffic.
+Percentiles from the histogram are interpolated inside their bucket; `ai-worker models stats --world`
+computes them exactly from `api_requests_history` instead.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+STATS_COLLECTION = "model_stats"
+
+# Upper bounds (ms) of the latency buckets; the last bucket is everything slower.
+LATENCY_BOUNDS_MS = (50, 100, 200, 300, 500, 750, 1000, 1500, 2000, 3000, 5000, 7500, 10000, 15000, 20000,
+                     30000, 60000, 120000)
+_COUNTED = ("prompt_tokens", "completion_tokens", "cached_tokens", "reasoning_tokens")
+
+
+def bucket_of(duration_ms: int) -> int:
+    return bisect.bisect_left(LATENCY_BOUNDS_MS, duration_ms)
+
+
+def _bucket_key(index: int) -> str:
+    return f"b{index:02d}"
+
+
+def stats_id(day: str, api_type: str, model: str) -> str:
+    return f"{day}|{api_type}|{model}"
+
+
+def stats_update(record: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(filter, update) adding one history record to its day's document (upsert)."""
+    created = record.get("created_at")
+    day = (created if isinstance(created, datetime) else datetime.now(UTC)).strftime("%Y-%m-%d")
+    model = str(record.get("model") or "unknown")
+    api_type = str(record.get("api_type") or "unknown")
+    ok = record.get("status") == "ok"
+    duration = int(record.get("duration_ms") or 0)
+    inc: dict[str, Any] = {
+        "calls": 1,
+        "ok": 1 if ok else 0,
+        "errors": 0 if ok else 1,
+        "fallbacks": 1 if record.get("fallback") else 0,
+        "cost": float(record.get("cost") or 0.0),
+        "latency_ms_total": duration,
+        f"latency_hist.{_bucket_key(bucket_of(duration))}": 1,
+    }
+    for name in _COUNTED:
+        inc[name] = int(record.get(name) or 0)
+    update = {
+        "$inc": inc,
+        "$set": {"provider": record.get("provider"), "updated_at": created},
+        "$setOnInsert": {"day": day, "api_type": api_type, "model": model},
+    }
+    return {"_id": stats_id(day, api_type, model)}, update
+
+
+@dataclass
+class ModelStatsRow:
+    api_type: str
+    model: str
+    provider: str | None = None
+    calls: int = 0
+    ok: int = 0
+    errors: int = 0
+    fallbacks: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+    reasoning_tokens: int = 0
+    cost: float = 0.0
+    latency_ms_total: int = 0
+    hist: list[int] = field(default_factory=lambda: [0] * (len(LATENCY_BOUNDS_MS) + 1))
+    latencies: list[int] | None = None  # exact latencies, when built from the history
+
+    @property
+    def success_rate(self) -> float:
+        return self.ok / self.calls if self.calls else 0.0
+
+    @property
+    def tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+    def percentile(self, q: float) -> float:
+        """Latency (ms) below which a fraction `q` of the calls fall."""
+        if self.latencies:
+            ordered = sorted(self.latencies)
+            return float(ordered[max(0, math.ceil(q * len(ordered)) - 1)])
+        total = sum(self.hist)
+        if not total:
+            return 0.0
+        rank = q * total
+        seen = 0
+        for index, count in enumerate(self.hist):
+            if count and seen + count >= rank:
+                low = LATENCY_BOUNDS_MS[index - 1] if index > 0 else 0
+                high = LATENCY_BOUNDS_MS[index] if index < len(LATENCY_BOUNDS_MS) else low * 2
+                return low + (high - low) * (rank - seen) / count
+            seen += count
+        return float(LATENCY_BOUNDS_MS[-1])
+
+    def add_doc(self, doc: Mapping[str, Any]) -> None:
+        """Merge one `model_stats` document (a day) into the row."""
+        self.provider = doc.get("provider") or self.provider
+        for name in ("calls", "ok", "errors", "fallbacks", "latency_ms_total", *_COUNTED):
+            setattr(self, name, getattr(self, name) + int(doc.get(name) or 0))
+        self.cost += float(doc.get("cost") or 0.0)
+        hist = doc.get("latency_hist") or {}
+        for index in range(len(self.hist)):
+            self.hist[index] += int(hist.get(_bucket_key(index)) or 0)
+
+    def add_record(self, record: Mapping[str, Any]) -> None:
+        """Add one `api_requests_history` document (exact latencies)."""
+        self.provider = record.get("provider") or self.provider
+        ok = record.get("status") == "ok"
+        duration = int(record.get("duration_ms") or 0)
+        self.calls += 1
+        self.ok += 1 if ok else 0
+        self.errors += 0 if ok else 1
+        self.fallbacks += 1 if record.get("fallback") else 0
+        for name in _COUNTED:
+            setattr(self, name, getattr(self, name) + int(record.get(name) or 0))
+        self.cost += float(record.get("cost") or 0.0)
+        self.latency_ms_total += duration
+        self.hist[bucket_of(duration)] += 1
+        if self.latencies is None:
+            self.latencies = []
+        self.latencies.append(duration)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "api_type": self.api_type, "model": self.model, "provider": self.provider, "calls": self.calls,
+            "ok": self.ok, "errors": self.errors, "success_rate": round(self.success_rate, 4),
+            "fallbacks": self.fallbacks, "p50_ms": round(self.percentile(0.5), 1),
+            "p95_ms": round(self.percentile(0.95), 1), "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens, "cached_tokens": self.cached_tokens,
+            "reasoning_tokens": self.reasoning_tokens, "cost": round(self.cost, 6),
+        }
+
+
+def rows_from_docs(docs: Iterable[Mapping[str, Any]]) -> list[ModelStatsRow]:
+    rows: dict[tuple[str, str], ModelStatsRow] = {}
+    for doc in docs:
+        key = (str(doc.get("api_type")), str(doc.get("model")))
+        rows.setdefault(key, ModelStatsRow(*key)).add_doc(doc)
+    return sorted(rows.values(), key=lambda r: (r.api_type, -r.calls, r.model))
+
+
+def rows_from_history(records: Iterable[Mapping[str, Any]]) -> list[ModelStatsRow]:
+    rows: dict[tuple[str, str], ModelStatsRow] = {}
+    for record in records:
+        key = (str(record.get("api_type")), str(record.get("model") or "unknown"))
+        rows.setdefault(key, ModelStatsRow(*key)).add_record(record)
+    return sorted(rows.values(), key=lambda r: (r.api_type, -r.calls, r.model))
+
+
+def days_back(days: int, now: datetime | None = None) -> list[str]:
+    """The UTC day keys of the last `days` days, today included."""
+    today = (now or datetime.now(UTC)).date()
+    return [(today - timedelta(days=n)).strftime("%Y-%m-%d") for n in range(max(1, days))]
+
+
+async def load_rows(db: Any, *, days: int = 1, world_id: str | None = None) -> list[ModelStatsRow]:
+    """The summary from `model_stats` (last `days` UTC days), or exactly from the history of one world."""
+    if world_id is not None:
+        from ai_worker.llm.history import HISTORY_COLLECTION  # history imports this module
+
+        fields = {"api_type": 1, "model": 1, "provider": 1, "status": 1, "duration_ms": 1, "fallback": 1,
+                  "cost": 1, **{name: 1 for name in _COUNTED}}
+        cursor = db[HISTORY_COLLECTION].find(
+            {"world_id": world_id, "api_type": {"$in": ["llm", "image_generation"]}}, fields)
+        return rows_from_history([doc async for doc in cursor])
+    cursor = db[STATS_COLLECTION].find({"day": {"$in": days_back(days)}})
+    return rows_from_docs([doc async for doc in cursor])

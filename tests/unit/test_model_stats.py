@@ -1,0 +1,81 @@
+"""Per-model statistics: the $inc document per record, merging days, percentiles."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+import pytest
+
+from ai_worker.llm.stats import LATENCY_BOUNDS_MS, ModelStatsRow, bucket_of, days_back, rows_from_docs, stats_update
+
+
+def record(model: str = "m/a", status: str = "ok", duration_ms: int = 120, **extra: Any) -> dict[str, Any]:
+    return {"api_type": "llm", "model": model, "provider": "openrouter", "status": status,
+            "duration_ms": duration_ms, "prompt_tokens": 100, "completion_tokens": 20, "cached_tokens": 5,
+            "reasoning_tokens": 0, "cost": 0.001, "fallback": False,
+            "created_at": datetime(2026, 11, 21, 12, tzinfo=UTC), **extra}
+
+
+def apply(docs: dict[str, dict[str, Any]], rec: dict[str, Any]) -> None:
+    """A tiny in-memory `update_one(..., upsert=True)` for $inc/$set/$setOnInsert with dotted paths."""
+    query, update = stats_update(rec)
+    doc = docs.setdefault(query["_id"], {"_id": query["_id"], **update["$setOnInsert"]})
+    doc.update(update["$set"])
+    for path, value in update["$inc"].items():
+        target = doc
+        *parents, leaf = path.split(".")
+        for part in parents:
+            target = target.setdefault(part, {})
+        target[leaf] = target.get(leaf, 0) + value
+
+
+def test_buckets() -> None:
+    assert bucket_of(0) == 0
+    assert bucket_of(50) == 0
+    assert bucket_of(51) == 1
+    assert bucket_of(10**9) == len(LATENCY_BOUNDS_MS)
+
+
+def test_update_document_shape() -> None:
+    query, update = stats_update(record(status="error", fallback=True))
+    assert query == {"_id": "2026-11-21|llm|m/a"}
+    assert update["$inc"]["calls"] == 1 and update["$inc"]["errors"] == 1 and update["$inc"]["ok"] == 0
+    assert update["$inc"]["fallbacks"] == 1
+    assert update["$inc"]["latency_hist.b02"] == 1
+    assert update["$setOnInsert"] == {"day": "2026-11-21", "api_type": "llm", "model": "m/a"}
+
+
+def test_rows_merge_days_and_models() -> None:
+    docs: dict[str, dict[str, Any]] = {}
+    for i in range(19):
+        apply(docs, record(duration_ms=100 + i))
+    apply(docs, record(status="error", duration_ms=5000))
+    apply(docs, record(created_at=datetime(2026, 11, 20, tzinfo=UTC)))
+    apply(docs, record(model="m/b", duration_ms=40))
+    rows = rows_from_docs(docs.values())
+    assert [(r.model, r.calls) for r in rows] == [("m/a", 21), ("m/b", 1)]
+    a = rows[0]
+    assert a.ok == 20 and a.errors == 1
+    assert a.success_rate == pytest.approx(20 / 21)
+    assert a.prompt_tokens == 2100 and a.completion_tokens == 420 and a.cached_tokens == 105
+    assert a.cost == pytest.approx(0.021)
+    assert 50 < a.percentile(0.5) <= 200  # all the fast ones are in the 100-200 ms bucket
+    assert 3000 < a.percentile(0.99) <= 5000
+    d = a.as_dict()
+    assert d["calls"] == 21 and d["p50_ms"] == round(a.percentile(0.5), 1)
+
+
+def test_exact_percentiles_from_history() -> None:
+    row = ModelStatsRow("llm", "m")
+    for ms in (10, 20, 30, 40, 1000):
+        row.add_record(record(duration_ms=ms))
+    assert row.percentile(0.5) == 30
+    assert row.percentile(0.95) == 1000
+    assert ModelStatsRow("llm", "empty").percentile(0.5) == 0.0
+
+
+def test_days_back() -> None:
+    now = datetime(2026, 3, 1, 5, tzinfo=UTC)
+    assert days_back(2, now) == ["2026-03-01", "2026-02-28"]
+    assert days_back(0, now) == ["2026-03-01"]
