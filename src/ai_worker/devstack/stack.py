@@ -86,7 +86,6 @@ class StackInfo:
                 {
                     "LLM_BASE_URL": self.simulator_url,
                     "OPENROUTER_API_KEY": SIMULATOR_API_KEY,
-                    "IMAGE_PROVIDER": "openrouter",
                     "IMAGE_BASE_URL": self.simulator_url,
                     "RUNWARE_BASE_URL": self.simulator_url.removesuffix("/v1") + "/runware/v1",
                     "RUNWARE_API_KEY": SIMULATOR_API_KEY,
