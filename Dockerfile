@@ -9,6 +9,7 @@ COPY pyproject.toml README.md ./
 COPY src ./src
 COPY prompts ./prompts
 COPY protos ./protos
+COPY models.toml ./
 # Wheels for the package and all its dependencies (no `embedded` extra: the image talks to real servers).
 RUN pip wheel --wheel-dir /wheels .
 

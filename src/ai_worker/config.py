@@ -31,7 +31,7 @@ class ConfigError(Exception):
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="", case_sensitive=False, extra="ignore")
+    model_config = SettingsConfigDict(env_prefix="", case_sensitive=False, extra="ignore", env_ignore_empty=True)
 
     # --- service -------------------------------------------------------------------------------
     service_name: str = Field("ai-worker", alias="SERVICE_NAME")

@@ -235,3 +235,12 @@ def test_every_variable_is_documented_in_readme() -> None:
     readme = (REPO_ROOT / "README.md").read_text(encoding="utf-8")
     missing = [name for name in ALIASES if name not in readme]
     assert not missing, f"README.md does not document: {missing}"
+
+
+@pytest.mark.usefixtures("minimal_env")
+def test_empty_variables_mean_the_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DEFAULT_LLM_MODEL", "")
+    monkeypatch.setenv("IMAGE_PROVIDER", "")
+    s = load_settings()
+    assert s.default_llm_model is None and s.image_provider is None
+    assert s.model_for("post") == "google/gemini-2.5-flash"

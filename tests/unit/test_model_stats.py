@@ -79,3 +79,22 @@ def test_days_back() -> None:
     now = datetime(2026, 3, 1, 5, tzinfo=UTC)
     assert days_back(2, now) == ["2026-03-01", "2026-02-28"]
     assert days_back(0, now) == ["2026-03-01"]
+
+
+def test_prometheus_counts_provider_calls() -> None:
+    from prometheus_client import REGISTRY
+
+    from ai_worker.llm.history import ApiRequestRecord
+    from ai_worker.observability.metrics import observe_call
+
+    def value(name: str, **labels: str) -> float:
+        return REGISTRY.get_sample_value(name, labels) or 0.0
+
+    before = value("ai_worker_provider_requests_total", api_type="llm", model="prom/m", status="ok", fallback="true")
+    rec = ApiRequestRecord(api_type="llm", task_id=None, world_id=None, request_type="post", request_data={},
+                           duration_ms=250, model="prom/m", fallback=True, prompt_tokens=10, cost=0.5)
+    observe_call(rec)
+    observe_call(rec.model_copy(update={"api_type": "grpc"}))  # not a provider call: ignored
+    after = value("ai_worker_provider_requests_total", api_type="llm", model="prom/m", status="ok", fallback="true")
+    assert after - before == 1
+    assert value("ai_worker_provider_cost_usd_total", api_type="llm", model="prom/m") >= 0.5

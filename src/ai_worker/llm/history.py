@@ -13,6 +13,7 @@ from pydantic import BaseModel, Field
 from pymongo.errors import DuplicateKeyError
 
 from ai_worker.llm.stats import STATS_COLLECTION, stats_update
+from ai_worker.observability.metrics import observe_call
 
 log = structlog.get_logger(__name__)
 
@@ -77,6 +78,7 @@ class MongoRecorder:
 
     async def record(self, record: ApiRequestRecord) -> None:
         doc = record.model_dump(by_alias=True)
+        observe_call(record)
         await self._history.insert_one(doc)
         if record.api_type in ("llm", "image_generation"):
             try:

@@ -5,9 +5,9 @@ service both route through a `ModelRouter`; one `attempt` is one HTTP request.
 Choosing a model: the step's chain is the registry's primary then its fallbacks. An attempt goes to the
 first model of the chain whose breaker lets it through and that has not already failed with a transient
 error earlier in the same call (so a 5xx, timeout, 429 or unusable image moves the call's next attempt
-to the next model at once, the way OpenRouter's own `models` fallback does). When every model has failed
-in this call, the chain is tried again from the top. When every breaker is open the attempt fails with
-`ProviderUnavailable` (retryable) without a request.
+to the next model at once, the way OpenRouter's own `models` fallback does). Models that already failed
+in this call come last, in chain order, so they are tried again when nothing else is available. When
+every breaker is open the attempt fails with `ProviderUnavailable` (retryable) without a request.
 
 Breakers count 5xx, connection errors and timeouts (`MODEL_FAILURES`); a 429 does not (it slows the
 model's shared rate-limit bucket instead: `penalize`), nor do permanent errors or a reply that did not
@@ -82,8 +82,8 @@ class ModelRouter:
         """The model for the next attempt of a call (see the module docstring); `failed` holds the ids that
         failed transiently earlier in the same call."""
         chain = self.chain(step, kind)
-        fresh = [m for m in chain if m.id not in failed] or chain
-        for model in fresh:
+        ordered = [m for m in chain if m.id not in failed] + [m for m in chain if m.id in failed]
+        for model in ordered:
             if self.breakers.get(model.provider, model.name).allow():
                 if model.id != chain[0].id:
                     log.info("model_fallback", step=step, requested=chain[0].id, model=model.id)
