@@ -190,12 +190,17 @@ def models_list() -> None:
 
     from ai_worker.llm.registry import RegistryError
 
-    settings = _settings_or_exit()
+    try:  # the registry needs neither the database nor the broker: placeholders when they are not set
+        settings = load_settings(check=False, **{name: os.environ.get(name) or "unset"
+                                                 for name in ("MONGODB_URI", "KAFKA_BROKERS")})
+    except ConfigError as exc:
+        err_console.print(f"[bold red]configuration error[/]: {exc}")
+        raise typer.Exit(2) from None
     try:
         registry = settings.models
         table = Table("step", "model", "provider", "fallbacks", "price", "limits")
         for step, chain in registry.assignments().items():
-            m = registry.model(chain[0], registry.step_kind(step))
+            m = registry.primary(step)
             price = (f"${m.price_per_image:g}/image" if m.kind == "image"
                      else f"${m.price_in_per_mtok:g}/${m.price_out_per_mtok:g} per Mtok")
             limits = ", ".join(f"{k} {v}" for k, v in (("rpm", m.limits.rpm), ("tpm", m.limits.tpm),
@@ -205,6 +210,8 @@ def models_list() -> None:
         err_console.print(f"[bold red]model registry error[/]: {exc}")
         raise typer.Exit(2) from None
     console.print(table)
+    for problem in registry.missing_keys():
+        err_console.print(f"[yellow]warning[/]: {problem}")
 
 
 @models_app.command("stats")

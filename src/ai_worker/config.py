@@ -164,8 +164,9 @@ class Settings(BaseSettings):
             )
 
 
-def load_settings(**overrides: object) -> Settings:
-    """Build settings from the environment, turning pydantic errors into a ConfigError per variable."""
+def load_settings(*, check: bool = True, **overrides: object) -> Settings:
+    """Build settings from the environment, turning pydantic errors into a ConfigError per variable.
+    `check=False` skips the checks across variables (API keys), for tools that only read the registry."""
     try:
         settings = Settings(**overrides)  # type: ignore[arg-type]
     except ValidationError as exc:
@@ -181,5 +182,6 @@ def load_settings(**overrides: object) -> Settings:
         text = str(exc)
         name = next((f.alias for n, f in Settings.model_fields.items() if f'"{n}"' in text and f.alias), "?")
         raise ConfigError(f"invalid configuration:\n  {name}: not valid JSON ({exc.__cause__ or exc})") from None
-    settings.check_runtime()
+    if check:
+        settings.check_runtime()
     return settings

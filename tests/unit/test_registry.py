@@ -163,3 +163,34 @@ def test_registry_file_from_the_environment(tmp_path: Path, monkeypatch: pytest.
 
     with pytest.raises(ConfigError, match="MODEL_REGISTRY_FILE"):
         load_settings(MONGODB_URI="mongodb://db", KAFKA_BROKERS="k:1")
+
+
+def test_models_list_command(monkeypatch: pytest.MonkeyPatch) -> None:
+    from typer.testing import CliRunner
+
+    from ai_worker.cli import app
+
+    for name, value in {"MONGODB_URI": "mongodb://db", "KAFKA_BROKERS": "k:1", "OPENROUTER_API_KEY": "sk",
+                        "LLM_MODEL_OVERRIDES": '{"post": "vendor/cheap"}', "COLUMNS": "250"}.items():
+        monkeypatch.setenv(name, value)
+    result = CliRunner().invoke(app, ["models", "list"])
+    assert result.exit_code == 0, result.output
+    lines = {line.split("│")[1].strip(): line for line in result.output.splitlines() if line.count("│") > 3}
+    assert "vendor/cheap" in lines["post"]
+    assert "google/gemini-2.5-flash" in lines["post_batch"] and "openai/gpt-4.1-mini" in lines["post_batch"]
+    assert "rpm 600" in lines["post_batch"]
+    assert "$0.039/image" in lines["avatar"]
+    monkeypatch.setenv("MODEL_REGISTRY_FILE", "/nonexistent/models.toml")
+    assert CliRunner().invoke(app, ["models", "list"]).exit_code == 2
+
+
+def test_models_list_needs_no_database_and_warns_about_keys(monkeypatch: pytest.MonkeyPatch) -> None:
+    from typer.testing import CliRunner
+
+    from ai_worker.cli import app
+
+    for name in ("MONGODB_URI", "KAFKA_BROKERS", "OPENROUTER_API_KEY", "LLM_BASE_URL", "IMAGE_BASE_URL"):
+        monkeypatch.delenv(name, raising=False)
+    result = CliRunner().invoke(app, ["models", "list"])
+    assert result.exit_code == 0, result.output
+    assert "OPENROUTER_API_KEY is required" in result.output
