@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import shutil
 import sys
 import tempfile
 import time
@@ -96,6 +97,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
     finally:
         await asyncio.to_thread(stop_process, worker)
         await stack.stop()
+        shutil.rmtree(root, ignore_errors=True)
     result.update(elapsed_s=elapsed, users=args.users, requested_posts=args.posts, prompt=args.prompt)
     return result
 
