@@ -378,13 +378,6 @@ class ModelRegistry:
         """step -> model ids of its chain, for `ai-worker models list` and the startup log."""
         return {step: [m.id for m in self.chain(step)] for step in (*LLM_STEPS, *IMAGE_STEPS)}
 
-    def used_models(self) -> list[ResolvedModel]:
-        seen: dict[str, ResolvedModel] = {}
-        for step in (*LLM_STEPS, *IMAGE_STEPS):
-            for m in self.chain(step):
-                seen.setdefault(m.id, m)
-        return list(seen.values())
-
     def missing_keys(self, steps: tuple[str, ...] = (*LLM_STEPS, *IMAGE_STEPS)) -> list[str]:
         """Primaries of `steps` that talk to their provider's own URL with its API key unset."""
         users: dict[str, list[str]] = {}
