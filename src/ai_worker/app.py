@@ -18,17 +18,17 @@ from ai_worker.images.service import ImageService
 from ai_worker.images.upload import MediaUploader
 from ai_worker.jobs import build_registry
 from ai_worker.jobs.common import MongoWorldStore
-from ai_worker.llm.breaker import BreakerBoard
-from ai_worker.llm.budget import MongoBudget
 from ai_worker.llm.client import LLMClient
-from ai_worker.llm.history import MongoRecorder
-from ai_worker.llm.ratelimit import MongoRateLimiter
-from ai_worker.llm.routing import ModelRouter, concurrency
 from ai_worker.messaging.admin import ensure_topics
 from ai_worker.messaging.consumer import TaskConsumer
 from ai_worker.messaging.producer import EventProducer
 from ai_worker.observability.health import HealthServer
 from ai_worker.platform.clients import PlatformClients
+from ai_worker.providers.breaker import BreakerBoard
+from ai_worker.providers.budget import MongoBudget
+from ai_worker.providers.history import MongoRecorder
+from ai_worker.providers.ratelimit import MongoRateLimiter
+from ai_worker.providers.routing import ModelRouter, concurrency
 from ai_worker.tasks.context import Services
 from ai_worker.tasks.engine import Engine
 from ai_worker.tasks.progress import WorldProgress
@@ -72,6 +72,7 @@ async def run_worker(settings: Settings, stop: asyncio.Event | None = None) -> N
         log.warning("could not ensure topics", error=str(exc))
 
     recorder = MongoRecorder(db)
+    await recorder.ensure_indexes()
     producer = EventProducer(
         bootstrap=settings.kafka_bootstrap, tasks_topic=settings.kafka_topic_tasks,
         progress_topic=settings.kafka_topic_progress, dlq_topic=settings.kafka_topic_dlq,

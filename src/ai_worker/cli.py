@@ -188,7 +188,7 @@ def models_list() -> None:
     """Which model serves each step (with its fallbacks), from the registry file and the environment."""
     from rich.table import Table
 
-    from ai_worker.llm.registry import RegistryError
+    from ai_worker.providers.registry import RegistryError
 
     try:  # the registry needs neither the database nor the broker: placeholders when they are not set
         settings = load_settings(check=False, **{name: os.environ.get(name) or "unset"
@@ -228,7 +228,8 @@ def models_stats(
     from pymongo import AsyncMongoClient
     from rich.table import Table
 
-    from ai_worker.llm.stats import load_rows
+    from ai_worker.providers.history import MongoRecorder
+    from ai_worker.providers.stats import ModelStatsStore, rows_from_history
 
     mongo = mongo or os.environ.get("MONGODB_URI", DEFAULT_MONGO)
     database = database or os.environ.get("MONGODB_DATABASE", "generia_ai_worker")
@@ -237,7 +238,10 @@ def models_stats(
         client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(mongo, tz_aware=True,
                                                                      serverSelectionTimeoutMS=10000)
         try:
-            return [row.as_dict() for row in await load_rows(client[database], days=days, world_id=world)]
+            db = client[database]
+            rows = (rows_from_history(await MongoRecorder(db).world_records(world)) if world is not None
+                    else await ModelStatsStore(db).rows(days=days))
+            return [row.as_dict() for row in rows]
         finally:
             await client.close()
 

@@ -14,7 +14,7 @@ from typing import Literal
 from pydantic import AliasChoices, Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
 
-from ai_worker.llm.registry import (
+from ai_worker.providers.registry import (
     LLM_STEPS,
     FlatDefaults,
     ModelChoice,

@@ -13,8 +13,8 @@ from support import WorkerEnv, mongo, wait_world
 
 from ai_worker.devstack.stack import StackInfo
 from ai_worker.errors import BudgetExceeded
-from ai_worker.llm.budget import MongoBudget
-from ai_worker.llm.history import CallContext
+from ai_worker.providers.budget import MongoBudget
+from ai_worker.providers.history import CallContext
 
 pytestmark = pytest.mark.integration
 

@@ -23,12 +23,12 @@ from support import WorkerEnv, mongo, wait_world
 from ai_worker.content.schemas import PostContent
 from ai_worker.devstack.stack import StackInfo
 from ai_worker.images.service import ImageService, provider_factory
-from ai_worker.llm.breaker import BreakerBoard, BreakerState
 from ai_worker.llm.client import LLMClient, Prompt
-from ai_worker.llm.history import CallContext, MemoryRecorder
-from ai_worker.llm.registry import ModelRegistry, parse_registry
-from ai_worker.llm.retrying import ProviderRetry
-from ai_worker.llm.routing import ModelRouter
+from ai_worker.providers.breaker import BreakerBoard, BreakerState
+from ai_worker.providers.history import CallContext, MemoryRecorder
+from ai_worker.providers.registry import ModelRegistry, parse_registry
+from ai_worker.providers.retrying import ProviderRetry
+from ai_worker.providers.routing import ModelRouter
 
 pytestmark = pytest.mark.integration
 

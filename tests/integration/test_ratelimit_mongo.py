@@ -13,7 +13,7 @@ from support import mongo, unique_name
 
 from ai_worker.devstack.stack import StackInfo
 from ai_worker.errors import RateLimited
-from ai_worker.llm.ratelimit import COLLECTION, Bucket, Limits, MongoRateLimiter
+from ai_worker.providers.ratelimit import COLLECTION, Bucket, Limits, MongoRateLimiter
 
 pytestmark = pytest.mark.integration
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from ai_worker.llm.breaker import BreakerBoard, BreakerState, CircuitBreaker
+from ai_worker.providers.breaker import BreakerBoard, BreakerState, CircuitBreaker
 
 
 class FakeClock:

@@ -10,7 +10,7 @@ import pytest
 from pydantic import AliasChoices
 
 from ai_worker.config import OPENROUTER_BASE_URL, ConfigError, Settings, load_settings
-from ai_worker.llm.registry import LLM_STEPS
+from ai_worker.providers.registry import LLM_STEPS
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 

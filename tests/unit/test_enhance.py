@@ -13,7 +13,7 @@ from ai_worker.content.schemas import EnhancedImagePrompt, WorldDescription
 from ai_worker.errors import BudgetExceeded, InvalidOutput, ProviderRejected, ProviderUnavailable, WorkerError
 from ai_worker.images.enhance import PromptEnhancer
 from ai_worker.llm.client import Prompt
-from ai_worker.llm.history import CallContext
+from ai_worker.providers.history import CallContext
 from ai_worker.tasks.context import JobContext, Services
 from ai_worker.tasks.model import TaskDoc
 

@@ -16,8 +16,8 @@ from ai_worker.errors import (
     RateLimited,
 )
 from ai_worker.llm.client import LLMClient, LLMUsage, Prompt, strip_fences
-from ai_worker.llm.history import CallContext, MemoryRecorder
-from ai_worker.llm.retrying import NO_RETRY, ProviderRetry
+from ai_worker.providers.history import CallContext, MemoryRecorder
+from ai_worker.providers.retrying import NO_RETRY, ProviderRetry
 
 CALL = CallContext(task_id="task-1", world_id="world-1", request_type="post", attempt=2)
 PROMPT = Prompt(system="You write posts.", user="Write one post.")

@@ -7,7 +7,14 @@ from typing import Any
 
 import pytest
 
-from ai_worker.llm.stats import LATENCY_BOUNDS_MS, ModelStatsRow, bucket_of, days_back, rows_from_docs, stats_update
+from ai_worker.providers.stats import (
+    LATENCY_BOUNDS_MS,
+    ModelStatsRow,
+    bucket_of,
+    days_back,
+    rows_from_docs,
+    stats_update,
+)
 
 
 def record(model: str = "m/a", status: str = "ok", duration_ms: int = 120, **extra: Any) -> dict[str, Any]:
@@ -84,8 +91,8 @@ def test_days_back() -> None:
 def test_prometheus_counts_provider_calls() -> None:
     from prometheus_client import REGISTRY
 
-    from ai_worker.llm.history import ApiRequestRecord
     from ai_worker.observability.metrics import observe_call
+    from ai_worker.providers.history import ApiRequestRecord
 
     def value(name: str, **labels: str) -> float:
         return REGISTRY.get_sample_value(name, labels) or 0.0

@@ -25,8 +25,8 @@ from ai_worker.errors import (
 from ai_worker.images.openrouter import OpenRouterImageProvider
 from ai_worker.images.service import ImageService
 from ai_worker.llm.client import LLMClient, Prompt
-from ai_worker.llm.history import CallContext, MemoryRecorder
-from ai_worker.llm.retrying import ProviderRetry
+from ai_worker.providers.history import CallContext, MemoryRecorder
+from ai_worker.providers.retrying import ProviderRetry
 
 CALL = CallContext(task_id="task-1", world_id="world-1", request_type="post", attempt=1)
 PROMPT = Prompt(system="You write posts.", user="Write one post.")
@@ -227,6 +227,6 @@ async def test_real_sleep_is_short_with_small_base() -> None:
 
 
 def test_timeout_error_class_is_in_call_retryable() -> None:
-    from ai_worker.llm.retrying import RETRYABLE_IN_CALL
+    from ai_worker.providers.retrying import RETRYABLE_IN_CALL
 
     assert ProviderTimeout in RETRYABLE_IN_CALL and InvalidOutput not in RETRYABLE_IN_CALL

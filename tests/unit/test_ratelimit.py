@@ -14,7 +14,7 @@ import pytest
 from pymongo.errors import DuplicateKeyError
 
 from ai_worker.errors import RateLimited
-from ai_worker.llm.ratelimit import (
+from ai_worker.providers.ratelimit import (
     COLLECTION,
     Bucket,
     Limits,

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from ai_worker.llm.registry import (
+from ai_worker.providers.registry import (
     IMAGE_STEPS,
     LLM_STEPS,
     FlatDefaults,

@@ -16,10 +16,10 @@ from ai_worker.errors import (
     RateLimited,
     WorkerError,
 )
-from ai_worker.llm.breaker import BreakerBoard, BreakerState, CircuitBreaker
-from ai_worker.llm.ratelimit import Limits, Permit
-from ai_worker.llm.registry import ModelKind, ModelRegistry, ResolvedModel, parse_registry
-from ai_worker.llm.routing import ModelRouter, Route
+from ai_worker.providers.breaker import BreakerBoard, BreakerState, CircuitBreaker
+from ai_worker.providers.ratelimit import Limits, Permit
+from ai_worker.providers.registry import ModelKind, ModelRegistry, ResolvedModel, parse_registry
+from ai_worker.providers.routing import ModelRouter, Route
 
 STEP = "post"  # an LLM step no model claims: served by the default llm model "a/llm"
 A, B, C = "a/llm", "b/llm", "c/llm"

@@ -21,7 +21,7 @@ from ai_worker.errors import (
 )
 from ai_worker.images.offline import render_placeholder
 from ai_worker.images.runware import RunwareImageProvider, error_for_runware_errors, runware_side
-from ai_worker.llm.http_errors import status_of
+from ai_worker.providers.http_errors import status_of
 
 MODEL = "runware:100@1"
 

@@ -15,8 +15,8 @@ from ai_worker.devstack.simulator import ModelKnobs, ProviderSimulator, Simulato
 from ai_worker.errors import InvalidOutput, ProviderTimeout, ProviderUnavailable, RateLimited
 from ai_worker.images.openrouter import OpenRouterImageProvider
 from ai_worker.llm.client import LLMClient, Prompt
-from ai_worker.llm.history import CallContext, MemoryRecorder
-from ai_worker.llm.retrying import NO_RETRY
+from ai_worker.providers.history import CallContext, MemoryRecorder
+from ai_worker.providers.retrying import NO_RETRY
 
 CALL = CallContext(task_id="t-sim", world_id="w-sim", request_type="character_batch")
 

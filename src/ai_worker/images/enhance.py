@@ -14,7 +14,7 @@ import structlog
 
 from ai_worker.content.schemas import EnhancedImagePrompt
 from ai_worker.errors import BudgetExceeded, WorkerError
-from ai_worker.llm.history import CallContext
+from ai_worker.providers.history import CallContext
 
 log = structlog.get_logger(__name__)
 

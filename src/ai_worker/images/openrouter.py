@@ -15,7 +15,7 @@ import structlog
 from ai_worker.errors import InvalidImage, WorkerError
 from ai_worker.images.base import PNG, GeneratedImage
 from ai_worker.images.validate import normalize_image
-from ai_worker.llm.http_errors import (
+from ai_worker.providers.http_errors import (
     attach_status,
     decode_json_body,
     error_for_body,

@@ -7,7 +7,7 @@ normalised to exactly the requested size. Runware wants width and height in mult
 centre-cropped back to the size asked for.
 
 Error classification:
-- transport errors and non-2xx statuses go through the shared helpers (`ai_worker.llm.http_errors`):
+- transport errors and non-2xx statuses go through the shared helpers (`ai_worker.providers.http_errors`):
   429 -> RateLimited (with Retry-After), 408 -> ProviderTimeout, 5xx -> ProviderUnavailable, other 4xx
   (400 bad parameters, 401 bad key, ...) -> ProviderRejected. The same applies to the image download.
 - a 2xx answer with a non-empty `errors` array is still an error, classified from its first entry:
@@ -41,7 +41,7 @@ from ai_worker.errors import (
 from ai_worker.images.base import PNG, GeneratedImage
 from ai_worker.images.openrouter import decode_data_url
 from ai_worker.images.validate import normalize_image
-from ai_worker.llm.http_errors import (
+from ai_worker.providers.http_errors import (
     attach_status,
     decode_json_body,
     error_for_body,

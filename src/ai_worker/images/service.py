@@ -21,12 +21,12 @@ from ai_worker.images.base import GeneratedImage, ImageProvider
 from ai_worker.images.offline import OfflineImageProvider
 from ai_worker.images.openrouter import OpenRouterImageProvider
 from ai_worker.images.runware import RunwareImageProvider
-from ai_worker.llm.budget import CallBudget, Unlimited
-from ai_worker.llm.history import ApiRequestRecord, CallContext, MemoryRecorder, Recorder
-from ai_worker.llm.http_errors import status_of
-from ai_worker.llm.registry import FlatDefaults, ModelRegistry, ResolvedModel
-from ai_worker.llm.retrying import ProviderRetry
-from ai_worker.llm.routing import ModelRouter, Route, concurrency
+from ai_worker.providers.budget import CallBudget, Unlimited
+from ai_worker.providers.history import ApiRequestRecord, CallContext, MemoryRecorder, Recorder
+from ai_worker.providers.http_errors import status_of
+from ai_worker.providers.registry import FlatDefaults, ModelRegistry, ResolvedModel
+from ai_worker.providers.retrying import ProviderRetry
+from ai_worker.providers.routing import ModelRouter, Route, concurrency
 
 if TYPE_CHECKING:
     from ai_worker.config import Settings

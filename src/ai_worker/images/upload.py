@@ -10,7 +10,7 @@ import structlog
 
 from ai_worker.errors import UploadFailed
 from ai_worker.images.base import GeneratedImage
-from ai_worker.llm.history import ApiRequestRecord, CallContext, Recorder
+from ai_worker.providers.history import ApiRequestRecord, CallContext, Recorder
 
 log = structlog.get_logger(__name__)
 

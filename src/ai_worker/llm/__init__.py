@@ -1,1 +1,1 @@
-"""OpenAI-compatible chat client: structured output, validation and repair, usage and cost, history."""
+"""OpenAI-compatible chat client: structured output, validation and repair, usage and cost."""

@@ -25,9 +25,10 @@ import structlog
 from pydantic import BaseModel, ValidationError
 
 from ai_worker.errors import InvalidOutput, ProviderRejected, WorkerError
-from ai_worker.llm.budget import CallBudget, Unlimited
-from ai_worker.llm.history import ApiRequestRecord, CallContext, Recorder
-from ai_worker.llm.http_errors import (
+from ai_worker.llm.schema import strict_json_schema
+from ai_worker.providers.budget import CallBudget, Unlimited
+from ai_worker.providers.history import ApiRequestRecord, CallContext, Recorder
+from ai_worker.providers.http_errors import (
     attach_status,
     decode_json_body,
     error_for_body,
@@ -35,10 +36,9 @@ from ai_worker.llm.http_errors import (
     error_for_transport,
     status_of,
 )
-from ai_worker.llm.registry import FlatDefaults, ModelRegistry, ResolvedModel
-from ai_worker.llm.retrying import ProviderRetry
-from ai_worker.llm.routing import ModelRouter, Route, concurrency
-from ai_worker.llm.schema import strict_json_schema
+from ai_worker.providers.registry import FlatDefaults, ModelRegistry, ResolvedModel
+from ai_worker.providers.retrying import ProviderRetry
+from ai_worker.providers.routing import ModelRouter, Route, concurrency
 
 if TYPE_CHECKING:
     from ai_worker.config import Settings

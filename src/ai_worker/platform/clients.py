@@ -21,7 +21,6 @@ import grpc
 import grpc.aio
 
 from ai_worker.errors import PlatformRejected, PlatformUnavailable, WorkerError
-from ai_worker.llm.history import ApiRequestRecord, CallContext, Recorder
 from ai_worker.platform.discovery import (
     CHARACTER_SERVICE,
     MEDIA_SERVICE,
@@ -30,6 +29,7 @@ from ai_worker.platform.discovery import (
     ServiceResolver,
 )
 from ai_worker.platform.generated import character_pb2, media_pb2, post_pb2, world_pb2
+from ai_worker.providers.history import ApiRequestRecord, CallContext, Recorder
 
 if TYPE_CHECKING:
     from ai_worker.config import Settings

@@ -13,8 +13,8 @@ from pydantic import BaseModel, TypeAdapter
 
 from ai_worker.content.schemas import WorldDescription
 from ai_worker.errors import PermanentError, TaskCancelled
-from ai_worker.llm.history import CallContext
 from ai_worker.messaging.events import TaskType
+from ai_worker.providers.history import CallContext
 from ai_worker.tasks.model import ChildTask, TaskDoc
 
 T = TypeVar("T")

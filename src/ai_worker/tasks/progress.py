@@ -123,7 +123,7 @@ class WorldProgress:
             "api_calls_made_images": 0,
             "llm_cost_total": 0.0,
             "image_cost_total": 0.0,
-            # ours: the money cap and the ledger of reservations (llm.budget)
+            # ours: the money cap and the ledger of reservations (providers.budget)
             "budget_usd": _money(budget),
             "budget_committed_usd": 0.0,
             "api_calls_reserved_LLM": 0,

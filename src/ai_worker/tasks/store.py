@@ -11,7 +11,6 @@ import structlog
 from pymongo import ASCENDING, ReturnDocument
 from pymongo.errors import BulkWriteError
 
-from ai_worker.llm.stats import STATS_COLLECTION
 from ai_worker.messaging.events import utcnow
 from ai_worker.tasks.model import TaskDoc, TaskStatus
 
@@ -34,8 +33,6 @@ class TaskStore:
         # The engine's other queries: the reconciler's scan of unfinished worlds, the call recount.
         db = self._tasks.database
         await db[WORLD_STATUS].create_index([("status", ASCENDING), ("updated_at", ASCENDING)])
-        await db[HISTORY].create_index([("world_id", ASCENDING), ("api_type", ASCENDING)])
-        await db[STATS_COLLECTION].create_index([("day", ASCENDING)])
 
     async def get(self, task_id: str) -> TaskDoc | None:
         doc = await self._tasks.find_one({"_id": task_id})

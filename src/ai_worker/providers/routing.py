@@ -26,10 +26,10 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import structlog
 
 from ai_worker.errors import ProviderTimeout, ProviderUnavailable, RateLimited
-from ai_worker.llm.breaker import BreakerBoard
-from ai_worker.llm.ratelimit import NoRateLimit, Permit, RateLimiter
-from ai_worker.llm.registry import ModelKind, ModelRegistry, ResolvedModel
-from ai_worker.llm.retrying import RETRYABLE_IN_CALL
+from ai_worker.providers.breaker import BreakerBoard
+from ai_worker.providers.ratelimit import NoRateLimit, Permit, RateLimiter
+from ai_worker.providers.registry import ModelKind, ModelRegistry, ResolvedModel
+from ai_worker.providers.retrying import RETRYABLE_IN_CALL
 
 if TYPE_CHECKING:
     from ai_worker.config import Settings

@@ -18,7 +18,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from ai_worker.llm.ratelimit import Limits
+from ai_worker.providers.ratelimit import Limits
 
 ProviderKind = Literal["openai", "runware", "offline"]
 ModelKind = Literal["llm", "image"]

@@ -16,6 +16,11 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from pymongo import ASCENDING
+from pymongo.errors import DuplicateKeyError
+
+from ai_worker.mongo import Collection, Database
+
 STATS_COLLECTION = "model_stats"
 
 # Upper bounds (ms) of the latency buckets; the last bucket is everything slower.
@@ -168,15 +173,24 @@ def days_back(days: int, now: datetime | None = None) -> list[str]:
     return [(today - timedelta(days=n)).strftime("%Y-%m-%d") for n in range(max(1, days))]
 
 
-async def load_rows(db: Any, *, days: int = 1, world_id: str | None = None) -> list[ModelStatsRow]:
-    """The summary from `model_stats` (last `days` UTC days), or exactly from the history of one world."""
-    if world_id is not None:
-        from ai_worker.llm.history import HISTORY_COLLECTION  # history imports this module
+class ModelStatsStore:
+    """The owner of `model_stats`: one `$inc` per recorded attempt, and the summary of the last days."""
 
-        fields = {"api_type": 1, "model": 1, "provider": 1, "status": 1, "duration_ms": 1, "fallback": 1,
-                  "cost": 1, **{name: 1 for name in _COUNTED}}
-        cursor = db[HISTORY_COLLECTION].find(
-            {"world_id": world_id, "api_type": {"$in": ["llm", "image_generation"]}}, fields)
-        return rows_from_history([doc async for doc in cursor])
-    cursor = db[STATS_COLLECTION].find({"day": {"$in": days_back(days)}})
-    return rows_from_docs([doc async for doc in cursor])
+    def __init__(self, db: Database) -> None:
+        self._col: Collection = db[STATS_COLLECTION]
+
+    async def ensure_indexes(self) -> None:
+        await self._col.create_index([("day", ASCENDING)])
+
+    async def add(self, record: Mapping[str, Any]) -> None:
+        """Add one history record to its day's document (created by the first record of the day)."""
+        try:
+            await self._col.update_one(*stats_update(record), upsert=True)
+        except DuplicateKeyError:  # two processes created the day's document at once: it exists now
+            await self._col.update_one(*stats_update(record), upsert=True)
+
+    async def rows(self, *, days: int = 1) -> list[ModelStatsRow]:
+        """The summary of the last `days` UTC days (exact figures for one world come from the history:
+        `rows_from_history`)."""
+        cursor = self._col.find({"day": {"$in": days_back(days)}})
+        return rows_from_docs([doc async for doc in cursor])

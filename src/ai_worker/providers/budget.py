@@ -21,7 +21,7 @@ import structlog
 from pymongo.errors import DuplicateKeyError
 
 from ai_worker.errors import BudgetExceeded
-from ai_worker.llm.history import WORLD_STATUS_COLLECTION, CallContext
+from ai_worker.providers.history import WORLD_STATUS_COLLECTION, CallContext
 
 log = structlog.get_logger(__name__)
 

@@ -10,10 +10,11 @@ from typing import Any, Literal, Protocol
 
 import structlog
 from pydantic import BaseModel, Field
-from pymongo.errors import DuplicateKeyError
+from pymongo import ASCENDING
 
-from ai_worker.llm.stats import STATS_COLLECTION, stats_update
+from ai_worker.mongo import Collection, Database, Document
 from ai_worker.observability.metrics import observe_call
+from ai_worker.providers.stats import ModelStatsStore
 
 log = structlog.get_logger(__name__)
 
@@ -68,13 +69,17 @@ class Recorder(Protocol):
 
 
 class MongoRecorder:
-    """Inserts history documents and keeps the world's call/cost counters (one $inc per call) and the
-    per-model summary (`model_stats`, one $inc per provider attempt)."""
+    """The owner of `api_requests_history`: inserts one document per attempt, keeps the world's call/cost
+    counters (one $inc per call) and the per-model summary (`model_stats`, one $inc per provider attempt)."""
 
-    def __init__(self, db: Any) -> None:
-        self._history = db[HISTORY_COLLECTION]
-        self._worlds = db[WORLD_STATUS_COLLECTION]
-        self._stats = db[STATS_COLLECTION]
+    def __init__(self, db: Database) -> None:
+        self._history: Collection = db[HISTORY_COLLECTION]
+        self._worlds: Collection = db[WORLD_STATUS_COLLECTION]
+        self._stats = ModelStatsStore(db)
+
+    async def ensure_indexes(self) -> None:
+        await self._history.create_index([("world_id", ASCENDING), ("api_type", ASCENDING)])
+        await self._stats.ensure_indexes()
 
     async def record(self, record: ApiRequestRecord) -> None:
         doc = record.model_dump(by_alias=True)
@@ -82,10 +87,7 @@ class MongoRecorder:
         await self._history.insert_one(doc)
         if record.api_type in ("llm", "image_generation"):
             try:
-                try:
-                    await self._stats.update_one(*stats_update(doc), upsert=True)
-                except DuplicateKeyError:  # two processes created the day's document at once: it exists now
-                    await self._stats.update_one(*stats_update(doc), upsert=True)
+                await self._stats.add(doc)
             except Exception as exc:  # a summary, not the ledger: never fail the call over it
                 log.warning("model_stats_update_failed", model=record.model, error=str(exc))
         if record.world_id is None:
@@ -100,6 +102,13 @@ class MongoRecorder:
         await self._worlds.update_one(
             {"_id": record.world_id}, {"$inc": inc, "$set": {"updated_at": record.created_at}}
         )
+
+    async def world_records(self, world_id: str) -> list[Document]:
+        """The LLM and image attempts of one world (what `models stats --world` summarises exactly)."""
+        fields = {"api_type": 1, "model": 1, "provider": 1, "status": 1, "duration_ms": 1, "fallback": 1,
+                  "cost": 1, "prompt_tokens": 1, "completion_tokens": 1, "cached_tokens": 1, "reasoning_tokens": 1}
+        cursor = self._history.find({"world_id": world_id, "api_type": {"$in": ["llm", "image_generation"]}}, fields)
+        return [doc async for doc in cursor]
 
 
 class MemoryRecorder:
