@@ -65,6 +65,17 @@ async def test_world_end_to_end(wenv: WorkerEnv) -> None:
         assert world is not None and world.get("image_uuid") and world.get("icon_uuid")
         media = await plat["media"].count_documents({"world_id": world_id, "status": "confirmed"})
         assert media == 2 + 3 + 6
+        # The confirmed media URLs travel in the task results (the console shows them).
+        urls = {m["_id"]: m["url"] async for m in plat["media"].find({"world_id": world_id})}
+        results = {t["type"]: [] for t in tasks}
+        for t in tasks:
+            results[t["type"]].append(t["result"])
+        assert sorted(r["avatar_url"] for r in results["generate_character_avatar"]) == sorted(
+            urls[c["avatar_media_id"]] for c in characters)
+        assert sorted(r["media_url"] for r in results["generate_post_image"]) == sorted(
+            urls[p["media_id"]] for p in posts)
+        (image,) = results["generate_world_image"]
+        assert image["header_url"] == urls[world["image_uuid"]] and image["icon_url"] == urls[world["icon_uuid"]]
     finally:
         await client.close()
 

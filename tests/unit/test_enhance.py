@@ -167,7 +167,7 @@ async def test_image_upload_generates_from_the_enhanced_prompt() -> None:
     ctx = job_context(images, media, enhance)
     media_id = await ctx.image_upload(step="post_image", prompt="a harbour at dawn", width=1024, height=768,
                                       filename="post.png", media_type="post")
-    assert media_id == "media-1"
+    assert media_id.media_id == "media-1"
     assert enhance.calls == [("a harbour at dawn", 1024, 768, CallContext(
         task_id="task-1", world_id="world-1", request_type="image_prompt", attempt=2))]
     assert [(g.prompt, g.width, g.height) for g in images.calls] == [("enhanced: a harbour at dawn", 1024, 768)]
@@ -179,8 +179,8 @@ async def test_image_upload_with_the_real_enhancer_calls_the_llm_for_step_image_
     images, media = FakeImages(), FakeMedia()
     llm = FakeLLM(reply="A quiet harbour at dawn, pastel sky, wide shot.")
     ctx = job_context(images, media, PromptEnhancer(llm, PROMPTS, enabled=True))
-    assert await ctx.image_upload(step="avatar", prompt="a harbour", width=512, height=512,
-                                  filename="a.png", media_type="avatar", character_id="char-1") == "media-1"
+    assert (await ctx.image_upload(step="avatar", prompt="a harbour", width=512, height=512,
+                                  filename="a.png", media_type="avatar", character_id="char-1")).media_id == "media-1"
     assert [c.step for c in llm.calls] == ["image_prompt"]
     assert llm.calls[0].call.request_type == "image_prompt" and llm.calls[0].call.task_id == "task-1"
     assert [g.prompt for g in images.calls] == ["A quiet harbour at dawn, pastel sky, wide shot."]
@@ -189,7 +189,7 @@ async def test_image_upload_with_the_real_enhancer_calls_the_llm_for_step_image_
 async def test_image_upload_without_an_enhancer_uses_the_original_prompt() -> None:
     images, media = FakeImages(), FakeMedia()
     ctx = job_context(images, media, None)
-    assert await ctx.image_upload(step="world_icon", prompt="a compass rose", width=256, height=256,
-                                  filename="icon.png", media_type="icon") == "media-1"
+    assert (await ctx.image_upload(step="world_icon", prompt="a compass rose", width=256, height=256,
+                                  filename="icon.png", media_type="icon")).media_id == "media-1"
     assert [g.prompt for g in images.calls] == ["a compass rose"]
     assert images.calls[0].call.request_type == "world_icon"

@@ -7,12 +7,27 @@ from typing import Any
 
 import httpx
 import structlog
+from pydantic import BaseModel, model_validator
 
 from ai_worker.errors import UploadFailed
 from ai_worker.images.base import GeneratedImage
 from ai_worker.providers.history import ApiRequestRecord, CallContext, Recorder
 
 log = structlog.get_logger(__name__)
+
+
+class UploadedMedia(BaseModel):
+    """A confirmed upload: the media id the platform's services take, and the URL of its first variant
+    (empty when the Media service returned none). Memoised in task steps; a step stored by an older worker
+    as a bare media id string reads back with an empty URL."""
+
+    media_id: str
+    url: str = ""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_media_id(cls, value: Any) -> Any:
+        return {"media_id": value} if isinstance(value, str) else value
 
 
 class MediaUploader:
@@ -24,7 +39,7 @@ class MediaUploader:
     async def upload(
         self, *, world_id: str, character_id: str, filename: str, media_type: Any, image: GeneratedImage,
         call: CallContext,
-    ) -> str:
+    ) -> UploadedMedia:
         presigned = await self._media.get_presigned_upload_url(
             world_id=world_id, character_id=character_id, filename=filename, content_type=image.content_type,
             size=len(image.data), media_type=media_type, call=call,
@@ -55,4 +70,5 @@ class MediaUploader:
         confirmed = await self._media.confirm_upload(presigned.media_id, call=call)
         if not confirmed.success:
             raise UploadFailed(f"media {presigned.media_id} was not confirmed")
-        return str(presigned.media_id)
+        url = confirmed.variants[0].url if confirmed.variants else ""
+        return UploadedMedia(media_id=str(presigned.media_id), url=url)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from ai_worker.content.world import image_style
+from ai_worker.images.upload import UploadedMedia
 from ai_worker.jobs.character import AvatarParams
 from ai_worker.messaging.events import TaskType
 from ai_worker.platform.clients import MediaKind
@@ -18,18 +19,18 @@ class GenerateCharacterAvatar(Job[AvatarParams]):
 
     async def run(self, ctx: JobContext, params: AvatarParams) -> dict[str, Any]:
         world = await ctx.world()
-        media_id = await ctx.step("avatar_media_id", lambda: ctx.image_upload(
+        avatar = await ctx.step("avatar_media_id", lambda: ctx.image_upload(
             step="avatar", prompt=f"Portrait avatar. {params.avatar_prompt}\n{image_style(world)}",
             width=512, height=512, filename=f"avatar_{ctx.world_id}_{params.username}_{params.index}.png",
-            media_type=MediaKind.CHARACTER_AVATAR, character_id=params.character_id), str)
+            media_type=MediaKind.CHARACTER_AVATAR, character_id=params.character_id), UploadedMedia)
 
         async def update() -> bool:
             await ctx.platform.characters.update_character(
-                character_id=params.character_id, avatar_media_id=media_id, call=ctx.call("update_character"))
+                character_id=params.character_id, avatar_media_id=avatar.media_id, call=ctx.call("update_character"))
             return True
 
         await ctx.step("update_character", update, bool)
-        return {"avatar_media_id": media_id}
+        return {"avatar_media_id": avatar.media_id, "avatar_url": avatar.url}
 
 
 JOB = GenerateCharacterAvatar

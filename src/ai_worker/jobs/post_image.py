@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from ai_worker.content.world import image_style
+from ai_worker.images.upload import UploadedMedia
 from ai_worker.jobs.post import PostImageParams
 from ai_worker.messaging.events import TaskType
 from ai_worker.platform.clients import MediaKind
@@ -21,7 +22,7 @@ class GeneratePostImage(Job[PostImageParams]):
         world = await ctx.world()
         image_error: str | None = None
 
-        async def make_image() -> str:
+        async def make_image() -> UploadedMedia:
             nonlocal image_error
             try:
                 return await ctx.image_upload(
@@ -34,19 +35,20 @@ class GeneratePostImage(Job[PostImageParams]):
                 image_error = f"{type(exc).__name__}: {exc}"
                 ctx.log.warning("post image failed on the last attempt; publishing without it",
                                 error=image_error)
-                return ""
+                return UploadedMedia(media_id="")
 
-        media_id = await ctx.step("media_id", make_image, str)
+        media = await ctx.step("media_id", make_image, UploadedMedia)
 
         async def publish() -> str:
             post_id: str = await ctx.platform.posts.create_ai_post(
-                character_id=params.character_id, caption=params.caption, media_id=media_id,
+                character_id=params.character_id, caption=params.caption, media_id=media.media_id,
                 world_id=ctx.world_id, tags=params.tags, request_id=ctx.request_id("create_post"),
                 call=ctx.call("create_post"))
             return post_id
 
         post_id = await ctx.step("post_id", publish, str)
-        return {"post_id": post_id, "media_id": media_id or None, "image_error": image_error}
+        return {"post_id": post_id, "media_id": media.media_id or None, "media_url": media.url or None,
+                "image_error": image_error}
 
 
 JOB = GeneratePostImage

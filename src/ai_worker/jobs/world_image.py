@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from ai_worker.content.world import image_style
+from ai_worker.images.upload import UploadedMedia
 from ai_worker.jobs.world_description import WorldImageParams
 from ai_worker.messaging.events import TaskType
 from ai_worker.platform.clients import MediaKind
@@ -21,18 +22,20 @@ class GenerateWorldImage(Job[WorldImageParams]):
         style = image_style(world)
         header = await ctx.step("header", lambda: ctx.image_upload(
             step="world_header", prompt=f"{world.header_image_prompt}\n{style}", width=1024, height=512,
-            filename=f"world_{ctx.world_id}_header.png", media_type=MediaKind.WORLD_HEADER), str)
+            filename=f"world_{ctx.world_id}_header.png", media_type=MediaKind.WORLD_HEADER), UploadedMedia)
         icon = await ctx.step("icon", lambda: ctx.image_upload(
             step="world_icon", prompt=f"{world.icon_image_prompt}\n{style}", width=512, height=512,
-            filename=f"world_{ctx.world_id}_icon.png", media_type=MediaKind.WORLD_ICON), str)
+            filename=f"world_{ctx.world_id}_icon.png", media_type=MediaKind.WORLD_ICON), UploadedMedia)
 
         async def update() -> bool:
-            await ctx.platform.worlds.update_world_image(world_id=ctx.world_id, image_uuid=header, icon_uuid=icon,
+            await ctx.platform.worlds.update_world_image(world_id=ctx.world_id, image_uuid=header.media_id,
+                                                         icon_uuid=icon.media_id,
                                                          call=ctx.call("update_world_image"))
             return True
 
         await ctx.step("update_world_image", update, bool)
-        return {"header_media_id": header, "icon_media_id": icon}
+        return {"header_media_id": header.media_id, "icon_media_id": icon.media_id, "header_url": header.url,
+                "icon_url": icon.url}
 
 
 JOB = GenerateWorldImage

@@ -13,6 +13,7 @@ from pydantic import BaseModel, TypeAdapter
 
 from ai_worker.content.schemas import WorldDescription
 from ai_worker.errors import PermanentError, TaskCancelled
+from ai_worker.images.upload import UploadedMedia
 from ai_worker.messaging.events import TaskType
 from ai_worker.providers.history import CallContext
 from ai_worker.tasks.model import ChildTask, TaskDoc
@@ -131,19 +132,19 @@ class JobContext:
     async def image_upload(
         self, *, step: str, prompt: str, width: int, height: int, filename: str, media_type: Any,
         character_id: str = "",
-    ) -> str:
-        """Generate an image and deliver it through the Media presigned flow; returns the media id."""
+    ) -> UploadedMedia:
+        """Generate an image and deliver it through the Media presigned flow; returns the media id and URL."""
         self.check_alive()
         if self.services.enhance is not None:
             prompt = await self.services.enhance(prompt, width, height, self.call("image_prompt"))
             self.check_alive()
         image = await self.services.images.generate(prompt, width, height, self.call(step))
         self.check_alive()
-        media_id: str = await self.services.media.upload(
+        uploaded = await self.services.media.upload(
             world_id=self.world_id, character_id=character_id, filename=filename, media_type=media_type,
             image=image, call=self.call(f"{step}_upload"),
         )
-        return media_id
+        return UploadedMedia.model_validate(uploaded)
 
     def prompt(self, name: str, **values: Any) -> Any:
         return self.services.prompts.render(name, **values)
