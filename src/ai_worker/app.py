@@ -17,7 +17,7 @@ from ai_worker.images.enhance import PromptEnhancer
 from ai_worker.images.service import ImageService
 from ai_worker.images.upload import MediaUploader
 from ai_worker.jobs import build_registry
-from ai_worker.jobs.common import MongoWorldStore
+from ai_worker.jobs.context import JobContext, Services
 from ai_worker.llm.client import LLMClient
 from ai_worker.messaging.admin import ensure_topics
 from ai_worker.messaging.consumer import TaskConsumer
@@ -29,12 +29,13 @@ from ai_worker.providers.budget import MongoBudget
 from ai_worker.providers.history import MongoRecorder
 from ai_worker.providers.ratelimit import MongoRateLimiter
 from ai_worker.providers.routing import ModelRouter, concurrency
-from ai_worker.tasks.context import Services
 from ai_worker.tasks.engine import Engine
 from ai_worker.tasks.progress import WorldProgress
 from ai_worker.tasks.reconciler import Reconciler
 from ai_worker.tasks.retry import RetryPolicy
 from ai_worker.tasks.store import TaskStore
+from ai_worker.worlds.parameters import WorldParametersStore
+from ai_worker.worlds.status import WorldStatusStore
 
 log = structlog.get_logger(__name__)
 
@@ -65,6 +66,8 @@ async def run_worker(settings: Settings, stop: asyncio.Event | None = None) -> N
     db = mongo[settings.mongodb_database]
     store = TaskStore(db)
     await store.ensure_indexes()
+    status = WorldStatusStore(db)
+    await status.ensure_indexes()
     topics = [settings.kafka_topic_tasks, settings.kafka_topic_progress, settings.kafka_topic_dlq]
     try:
         await ensure_topics(settings.kafka_bootstrap, topics, settings.kafka_topic_partitions)
@@ -91,14 +94,16 @@ async def run_worker(settings: Settings, stop: asyncio.Event | None = None) -> N
     upload_http = httpx.AsyncClient(timeout=httpx.Timeout(settings.upload_timeout_s, connect=10))
     services = Services(
         llm=llm, images=images, media=MediaUploader(platform.media, upload_http, recorder), platform=platform,
-        prompts=prompts, worlds=MongoWorldStore(db),
+        prompts=prompts, worlds=WorldParametersStore(db),
         enhance=PromptEnhancer(llm, prompts, enabled=True) if settings.image_prompt_enhance else None,
     )
-    policy = RetryPolicy(base_delay_s=settings.retry_base_delay_s, max_delay_s=settings.retry_max_delay_s,
-                         max_attempts_overrides=settings.task_max_attempts)
-    progress = WorldProgress(db, default_budget_usd=settings.world_budget_usd)
-    engine = Engine(store=store, progress=progress, registry=build_registry(), services=services,
-                    publisher=producer, worker_id=settings.worker_id, lease_s=settings.task_lease_s, policy=policy)
+    policy = RetryPolicy(base_delay_s=settings.retry_base_delay_s, max_delay_s=settings.retry_max_delay_s)
+    registry = build_registry(max_attempts=settings.task_max_attempts)
+    budget_usd = settings.world_budget_usd
+    progress = WorldProgress(status, registry, default_budget=lambda _plan: budget_usd)
+    engine = Engine(store=store, progress=progress, registry=registry, context_factory=JobContext.factory(services),
+                    accounting=recorder, publisher=producer, worker_id=settings.worker_id,
+                    lease_s=settings.task_lease_s, policy=policy)
     consumer = TaskConsumer(
         bootstrap=settings.kafka_bootstrap, topic=settings.kafka_topic_tasks, group_id=settings.kafka_group_id,
         handler=engine.handle, producer=producer, max_in_flight=settings.max_concurrent_tasks,

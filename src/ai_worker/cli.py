@@ -111,8 +111,8 @@ def cancel(
     Running jobs notice at their next step (their lease renewal fails) and stop without side effects."""
     from pymongo import AsyncMongoClient
 
-    from ai_worker.tasks.progress import WorldProgress
     from ai_worker.tasks.store import TaskStore
+    from ai_worker.worlds.status import WorldStatusStore
 
     mongo = mongo or os.environ.get("MONGODB_URI", DEFAULT_MONGO)
     database = database or os.environ.get("MONGODB_DATABASE", "generia_ai_worker")
@@ -122,7 +122,7 @@ def cancel(
         try:
             db = client[database]
             n = await TaskStore(db).cancel_world(world_id, reason)
-            marked = await WorldProgress(db).fail_world(world_id, reason)
+            marked = await WorldStatusStore(db).fail(world_id, reason)
             console.print(f"cancelled {n} task(s); world {'marked failed' if marked else 'was already terminal'}")
             return 0
         finally:

@@ -17,13 +17,14 @@ from pymongo import AsyncMongoClient
 from ai_worker.devstack.stack import StackInfo
 from ai_worker.errors import ProviderRejected, ProviderUnavailable
 from ai_worker.messaging.events import TaskType
-from ai_worker.tasks.context import JobContext, Services
+from ai_worker.tasks.context import TaskContext
 from ai_worker.tasks.engine import Engine
 from ai_worker.tasks.model import child_task_id
 from ai_worker.tasks.progress import WorldProgress
 from ai_worker.tasks.registry import Job, JobRegistry
 from ai_worker.tasks.retry import RetryPolicy
 from ai_worker.tasks.store import TaskStore
+from ai_worker.worlds.status import WorldStatusStore
 
 pytestmark = pytest.mark.integration
 
@@ -44,6 +45,19 @@ class NoParams(BaseModel):
     pass
 
 
+class ChildParams(BaseModel):
+    i: int
+
+
+class ChildJob(Job[ChildParams, TaskContext]):
+    task_type = TaskType.GENERATE_POST_IMAGE
+    Params = ChildParams
+    stage = "posts"
+
+    async def run(self, ctx: TaskContext, params: ChildParams) -> dict[str, Any]:
+        return {}
+
+
 class Script:
     """What the test job does; set per test."""
 
@@ -54,11 +68,12 @@ class Script:
     loop_until_dead = False
 
 
-class ScriptedJob(Job[NoParams]):
+class ScriptedJob(Job[NoParams, TaskContext]):
     task_type = TaskType.GENERATE_POST
     Params = NoParams
+    stage = "posts"
 
-    async def run(self, ctx: JobContext, params: NoParams) -> dict[str, Any]:
+    async def run(self, ctx: TaskContext, params: NoParams) -> dict[str, Any]:
         async def paid() -> int:
             Script.paid_calls += 1
             return 42
@@ -74,7 +89,7 @@ class ScriptedJob(Job[NoParams]):
             if exc is not None:
                 raise exc
         for i in range(Script.children):
-            ctx.spawn(TaskType.GENERATE_POST_IMAGE, f"child-{i}", {"i": i})
+            ctx.spawn(ChildJob, f"child-{i}", ChildParams(i=i))
         return {"value": value}
 
 
@@ -93,8 +108,8 @@ async def db(stack_info: StackInfo) -> AsyncIterator[Any]:
 def make_engine(db: Any, worker: str, publisher: Recorder, lease_s: float = 30.0) -> Engine:
     registry = JobRegistry()
     registry.register(ScriptedJob)
-    services = Services(llm=None, images=None, media=None, platform=None, prompts=None, worlds=None)  # type: ignore[arg-type]
-    return Engine(store=TaskStore(db), progress=WorldProgress(db), registry=registry, services=services,
+    registry.register(ChildJob)
+    return Engine(store=TaskStore(db), progress=WorldProgress(WorldStatusStore(db), registry), registry=registry,
                   publisher=publisher, worker_id=worker, lease_s=lease_s,
                   policy=RetryPolicy(base_delay_s=0.05, max_delay_s=0.1))
 

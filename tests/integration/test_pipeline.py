@@ -138,6 +138,10 @@ async def test_bad_input_is_dead_lettered_and_consumer_keeps_going(wenv: WorkerE
         assert "user_prompt" in bad["error"]
         bad_status = await wait_world(client, wenv.database, bad_world, procs=[worker])
         assert bad_status["status"] == "failed"
+        assert bad_status["failure_reason"].startswith("invalid_parameters: ") and "user_prompt" in bad_status[
+            "failure_reason"]
+        assert (bad_status["users_predicted"], bad_status["posts_predicted"]) == (0, 0)
+        assert (bad_status["tasks_total"], bad_status["tasks_failed"]) == (1, 1)
 
         dead = await read_topic(wenv.info.kafka_bootstrap, wenv.dlq_topic, expect=3)
         reasons = sorted(dict(m.headers)["x-dlq-reason"].decode() for m in dead)

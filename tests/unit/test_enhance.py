@@ -14,7 +14,7 @@ from ai_worker.errors import BudgetExceeded, InvalidOutput, ProviderRejected, Pr
 from ai_worker.images.enhance import PromptEnhancer
 from ai_worker.llm.client import Prompt
 from ai_worker.providers.history import CallContext
-from ai_worker.tasks.context import JobContext, Services
+from ai_worker.jobs.context import JobContext, Services
 from ai_worker.tasks.model import TaskDoc
 
 PROMPTS = PromptLibrary(Path(__file__).parents[2] / "prompts")
@@ -156,8 +156,8 @@ class NoSteps:
 def job_context(images: FakeImages, media: FakeMedia, enhance: Any) -> JobContext:
     task = TaskDoc.model_validate({"_id": "task-1", "type": "generate_post", "world_id": "world-1",
                                    "status": "in_progress", "attempt_count": 2})
-    services = Services(llm=None, images=images, media=media, platform=None, prompts=None, worlds=NoWorlds(),
-                        enhance=enhance)
+    services = Services(llm=None, images=images, media=media, platform=None, prompts=None,  # type: ignore[arg-type]
+                        worlds=NoWorlds(), enhance=enhance)
     return JobContext(task=task, worker_id="worker-1", max_attempts=3, services=services, steps=NoSteps(),
                       is_cancelled=lambda: False)
 

@@ -1,4 +1,4 @@
-"""Retry policy: error classification, per-type attempt limits, backoff bounds and decide()."""
+"""Retry policy: error classification, per-type attempt limits (the jobs' policy), backoff bounds and decide()."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ from pydantic import BaseModel, ValidationError
 
 from ai_worker import errors
 from ai_worker.messaging.events import TaskType
-from ai_worker.tasks.retry import OTHER_MAX_ATTEMPTS, RetryPolicy, classify
+from ai_worker.jobs import build_registry
+from ai_worker.tasks.retry import RetryPolicy, classify
 
 RETRYABLE: dict[type[errors.WorkerError], str] = {
     errors.RetryableError: "retryable",
@@ -102,24 +103,24 @@ LONG = {
 @pytest.mark.parametrize("task_type", list(TaskType))
 def test_default_attempt_limits(task_type: TaskType) -> None:
     expected = 4 if task_type in LONG else 2
-    assert RetryPolicy().max_attempts(task_type.value) == expected
+    assert build_registry().policy(task_type.value).max_attempts == expected
 
 
 def test_exactly_five_short_task_types() -> None:
-    assert OTHER_MAX_ATTEMPTS == 2
     assert len([t for t in TaskType if t not in LONG]) == 5
 
 
-def test_unknown_task_type_uses_the_short_limit() -> None:
-    assert RetryPolicy().max_attempts("something_else") == 2
-
-
 def test_overrides() -> None:
-    policy = RetryPolicy(max_attempts_overrides={"generate_post": 7, "init_world_creation": 1, "generate_character": 0})
-    assert policy.max_attempts("generate_post") == 7
-    assert policy.max_attempts("init_world_creation") == 1
-    assert policy.max_attempts("generate_character") == 1  # clamped: at least one attempt
-    assert policy.max_attempts("generate_world_image") == 4  # untouched
+    registry = build_registry(max_attempts={"generate_post": 7, "init_world_creation": 1, "generate_character": 0})
+    assert registry.policy("generate_post").max_attempts == 7
+    assert registry.policy("init_world_creation").max_attempts == 1
+    assert registry.policy("generate_character").max_attempts == 1  # clamped: at least one attempt
+    assert registry.policy("generate_world_image").max_attempts == 4  # untouched
+
+
+def test_an_override_of_an_unknown_type_is_refused() -> None:
+    with pytest.raises(ValueError, match="generate_pots"):
+        build_registry(max_attempts={"generate_pots": 3})
 
 
 @pytest.mark.parametrize(("base", "max_delay"), [(2.0, 60.0), (0.5, 5.0), (1.0, 1000.0)])
@@ -143,43 +144,43 @@ def test_decide_retries_until_the_last_attempt() -> None:
     policy = RetryPolicy(base_delay_s=1.0, max_delay_s=10.0, rng=random.Random(0))
     exc = errors.ProviderUnavailable("503")
     for attempt in (1, 2, 3):
-        d = policy.decide(exc, "init_world_creation", attempt)
+        d = policy.decide(exc, attempt, 4)
         assert d.retry is True
         assert d.retryable is True
         assert d.error_type == "provider_unavailable"
         cap = min(10.0, 2.0 ** (attempt - 1))
         assert cap / 2 <= d.delay_s <= cap
-    last = policy.decide(exc, "init_world_creation", 4)
+    last = policy.decide(exc, 4, 4)
     assert last.retry is False
     assert last.retryable is True
     assert last.delay_s == 0.0
 
-    assert policy.decide(exc, "generate_post", 1).retry is True
-    assert policy.decide(exc, "generate_post", 2).retry is False
+    assert policy.decide(exc, 1, 2).retry is True
+    assert policy.decide(exc, 2, 2).retry is False
 
 
 def test_decide_never_retries_permanent_errors() -> None:
-    d = RetryPolicy().decide(errors.InvalidParameters("bad"), "init_world_creation", 1)
+    d = RetryPolicy().decide(errors.InvalidParameters("bad"), 1, 4)
     assert (d.retry, d.retryable, d.error_type, d.delay_s) == (False, False, "invalid_parameters", 0.0)
 
 
 def test_rate_limited_retry_after_raises_the_delay_capped_at_max() -> None:
     policy = RetryPolicy(base_delay_s=1.0, max_delay_s=60.0, rng=random.Random(3))
-    d = policy.decide(errors.RateLimited("429", retry_after_s=30.0), "generate_post", 1)
+    d = policy.decide(errors.RateLimited("429", retry_after_s=30.0), 1, 2)
     assert d.retry is True
     assert d.delay_s == 30.0
 
-    d = policy.decide(errors.RateLimited("429", retry_after_s=5000.0), "generate_post", 1)
+    d = policy.decide(errors.RateLimited("429", retry_after_s=5000.0), 1, 2)
     assert d.delay_s == 60.0
 
     # A short Retry-After never lowers the backoff.
-    d = policy.decide(errors.RateLimited("429", retry_after_s=0.01), "init_world_creation", 3)
+    d = policy.decide(errors.RateLimited("429", retry_after_s=0.01), 3, 4)
     assert 2.0 <= d.delay_s <= 4.0
 
-    d = policy.decide(errors.RateLimited("429"), "init_world_creation", 1)
+    d = policy.decide(errors.RateLimited("429"), 1, 4)
     assert 0.5 <= d.delay_s <= 1.0
 
 
 def test_rate_limited_at_last_attempt_does_not_retry() -> None:
-    d = RetryPolicy().decide(errors.RateLimited("429", retry_after_s=5.0), "generate_post", 2)
+    d = RetryPolicy().decide(errors.RateLimited("429", retry_after_s=5.0), 2, 2)
     assert d.retry is False

@@ -1,4 +1,5 @@
-"""WorldPlan: the split of posts over characters and the predicted number of tasks."""
+"""WorldPlan: the split of posts over characters; the jobs' predictions (summed by the registry) against a walk
+of the pipeline."""
 
 from __future__ import annotations
 
@@ -6,7 +7,10 @@ import math
 
 import pytest
 
-from ai_worker.tasks.progress import WorldPlan
+from ai_worker.jobs import build_registry
+from ai_worker.worlds.plan import WorldPlan
+
+REGISTRY = build_registry()
 
 USERS = range(1, 31)
 POSTS = range(0, 101)
@@ -60,21 +64,30 @@ def test_fewer_posts_than_users_go_to_the_first_characters() -> None:
 def test_predicted_tasks_matches_brute_force() -> None:
     for users in USERS:
         for posts in POSTS:
-            assert WorldPlan(users, posts).predicted_tasks() == _brute_force_tasks(users, posts), (users, posts)
+            assert REGISTRY.predict(WorldPlan(users, posts)).tasks == _brute_force_tasks(users, posts), (users, posts)
 
 
 def test_predicted_tasks_formula_for_a_known_case() -> None:
     # 10 users, 50 posts: 3 world + 1 batch + 10 characters + 10 avatars + 10 post batches + 50 + 50.
-    assert WorldPlan(10, 50).predicted_tasks() == 3 + 1 + 10 + 10 + 10 + 50 + 50
+    assert REGISTRY.predict(WorldPlan(10, 50)).tasks == 3 + 1 + 10 + 10 + 10 + 50 + 50
     # 3 users, 25 posts -> 9, 8, 8 posts: one post batch each.
-    assert WorldPlan(3, 25).predicted_tasks() == 3 + 1 + 3 + 3 + 3 + 25 + 25
+    assert REGISTRY.predict(WorldPlan(3, 25)).tasks == 3 + 1 + 3 + 3 + 3 + 25 + 25
     # 1 user, 25 posts -> ceil(25/10) = 3 post batches.
-    assert WorldPlan(1, 25).predicted_tasks() == 3 + 1 + 1 + 1 + 3 + 25 + 25
+    assert REGISTRY.predict(WorldPlan(1, 25)).tasks == 3 + 1 + 1 + 1 + 3 + 25 + 25
 
 
 @pytest.mark.parametrize(("users", "posts"), [(1, 0), (11, 0), (30, 100), (12, 5)])
 def test_predicted_llm_calls_and_images(users: int, posts: int) -> None:
     plan = WorldPlan(users, posts)
     post_batches = sum(math.ceil(plan.posts_for(i) / 10) for i in range(users))
-    assert plan.predicted_llm_calls() == 1 + math.ceil(users / 10) + post_batches + posts
-    assert plan.predicted_images() == 2 + users + posts
+    assert REGISTRY.predict(plan).llm_calls == 1 + math.ceil(users / 10) + post_batches + posts
+    assert REGISTRY.predict(plan).images == 2 + users + posts
+
+
+def test_post_batches_is_constant_time_and_exact() -> None:
+    for users in USERS:
+        for posts in POSTS:
+            plan = WorldPlan(users, posts)
+            assert plan.post_batches() == sum(math.ceil(plan.posts_for(i) / 10) for i in range(users))
+    huge = WorldPlan(10**9, 10**12)  # would take minutes if it looped over characters
+    assert huge.post_batches() == 10**9 * 100

@@ -8,34 +8,30 @@ from typing import Any
 from pydantic import BaseModel
 
 from ai_worker.content.schemas import CharacterSpec
-from ai_worker.jobs.character_batch import CharacterParams
-from ai_worker.jobs.common import BATCH_SIZE
+from ai_worker.jobs.character_avatar import GenerateCharacterAvatar
+from ai_worker.jobs.context import Job, JobContext
+from ai_worker.jobs.post_batch import GeneratePostBatch
 from ai_worker.messaging.events import TaskType
-from ai_worker.tasks.context import JobContext
-from ai_worker.tasks.registry import Job
+from ai_worker.worlds.plan import BATCH_SIZE, Prediction, WorldPlan
 
 
-class AvatarParams(BaseModel):
-    character_id: str
+class CharacterParams(BaseModel):
     index: int
-    username: str
-    avatar_prompt: str
-
-
-class PostBatchParams(BaseModel):
-    character_id: str
-    character_index: int
     character: CharacterSpec
-    batch_index: int
-    start_index: int
-    count: int
-    total: int
-    existing: list[str] = []
+    posts_count: int
 
 
 class GenerateCharacter(Job[CharacterParams]):
     task_type = TaskType.GENERATE_CHARACTER
     Params = CharacterParams
+    stage = "characters"
+    timeout_s = 120.0
+    priority = 70
+    produces = "users"
+
+    @classmethod
+    def predict(cls, plan: WorldPlan) -> Prediction:
+        return Prediction(tasks=plan.users)
 
     async def run(self, ctx: JobContext, params: CharacterParams) -> dict[str, Any]:
         spec = params.character
@@ -49,14 +45,13 @@ class GenerateCharacter(Job[CharacterParams]):
             return str(created.id)
 
         character_id = await ctx.step("character_id", create, str)
-        ctx.spawn(TaskType.GENERATE_CHARACTER_AVATAR, "avatar",
-                  AvatarParams(character_id=character_id, index=params.index, username=spec.username,
-                               avatar_prompt=spec.avatar_prompt))
+        ctx.spawn(GenerateCharacterAvatar, "avatar", GenerateCharacterAvatar.Params(
+            character_id=character_id, index=params.index, username=spec.username,
+            avatar_prompt=spec.avatar_prompt))
         if params.posts_count > 0:
-            ctx.spawn(TaskType.GENERATE_POST_BATCH, "post-batch-0",
-                      PostBatchParams(character_id=character_id, character_index=params.index, character=spec,
-                                      batch_index=0, start_index=0, count=min(BATCH_SIZE, params.posts_count),
-                                      total=params.posts_count))
+            ctx.spawn(GeneratePostBatch, "post-batch-0", GeneratePostBatch.Params(
+                character_id=character_id, character_index=params.index, character=spec, batch_index=0,
+                start_index=0, count=min(BATCH_SIZE, params.posts_count), total=params.posts_count))
         return {"character_id": character_id, "username": spec.username}
 
 

@@ -4,18 +4,33 @@ from __future__ import annotations
 
 from typing import Any
 
+from pydantic import BaseModel
+
 from ai_worker.content.world import image_style
 from ai_worker.images.upload import UploadedMedia
-from ai_worker.jobs.character import AvatarParams
+from ai_worker.jobs.context import Job, JobContext
 from ai_worker.messaging.events import TaskType
 from ai_worker.platform.clients import MediaKind
-from ai_worker.tasks.context import JobContext
-from ai_worker.tasks.registry import Job
+from ai_worker.worlds.plan import Prediction, WorldPlan
+
+
+class AvatarParams(BaseModel):
+    character_id: str
+    index: int
+    username: str
+    avatar_prompt: str
 
 
 class GenerateCharacterAvatar(Job[AvatarParams]):
     task_type = TaskType.GENERATE_CHARACTER_AVATAR
     Params = AvatarParams
+    stage = "characters"
+    timeout_s = 900.0
+    priority = 10
+
+    @classmethod
+    def predict(cls, plan: WorldPlan) -> Prediction:
+        return Prediction(tasks=plan.users, images=plan.users)
 
     async def run(self, ctx: JobContext, params: AvatarParams) -> dict[str, Any]:
         world = await ctx.world()

@@ -10,23 +10,35 @@ from pydantic import BaseModel
 
 from ai_worker.content.schemas import CharacterBatch, CharacterSpec
 from ai_worker.content.world import render_world
-from ai_worker.jobs.common import BATCH_SIZE, bullet_list, exact_count, slug
-from ai_worker.jobs.world_description import CharacterBatchParams
+from ai_worker.jobs.character import GenerateCharacter
+from ai_worker.jobs.common import bullet_list, exact_count, slug
+from ai_worker.jobs.context import Job, JobContext
 from ai_worker.messaging.events import TaskType
-from ai_worker.tasks.context import JobContext
-from ai_worker.tasks.progress import WorldPlan
-from ai_worker.tasks.registry import Job
+from ai_worker.worlds.plan import BATCH_SIZE, Prediction, WorldPlan
 
 
-class CharacterParams(BaseModel):
-    index: int
-    character: CharacterSpec
-    posts_count: int
+class CharacterBatchParams(BaseModel):
+    batch_index: int
+    start_index: int
+    count: int
+    users_total: int
+    posts_total: int
+    existing: list[str] = []
 
 
 class GenerateCharacterBatch(Job[CharacterBatchParams]):
     task_type = TaskType.GENERATE_CHARACTER_BATCH
     Params = CharacterBatchParams
+    stage = "characters"
+    max_attempts = 4
+    timeout_s = 600.0
+    world_level = True
+    priority = 80
+
+    @classmethod
+    def predict(cls, plan: WorldPlan) -> Prediction:
+        n = plan.character_batches()
+        return Prediction(tasks=n, llm_calls=n)
 
     async def run(self, ctx: JobContext, params: CharacterBatchParams) -> dict[str, Any]:
         world_text = render_world(await ctx.world())
@@ -48,18 +60,14 @@ class GenerateCharacterBatch(Job[CharacterBatchParams]):
         plan = WorldPlan(users=params.users_total, posts=params.posts_total)
         for offset, character in enumerate(characters):
             index = params.start_index + offset
-            ctx.spawn(TaskType.GENERATE_CHARACTER, f"character-{index}",
-                      CharacterParams(index=index, character=character, posts_count=plan.posts_for(index)))
+            ctx.spawn(GenerateCharacter, f"character-{index}", GenerateCharacter.Params(
+                index=index, character=character, posts_count=plan.posts_for(index)))
         next_start = params.start_index + params.count
         if next_start < params.users_total:
-            ctx.spawn(
-                TaskType.GENERATE_CHARACTER_BATCH, f"character-batch-{params.batch_index + 1}",
-                CharacterBatchParams(
-                    batch_index=params.batch_index + 1, start_index=next_start,
-                    count=min(BATCH_SIZE, params.users_total - next_start), users_total=params.users_total,
-                    posts_total=params.posts_total, existing=params.existing + [_label(c) for c in characters],
-                ),
-            )
+            ctx.spawn(GenerateCharacterBatch, f"character-batch-{params.batch_index + 1}", CharacterBatchParams(
+                batch_index=params.batch_index + 1, start_index=next_start,
+                count=min(BATCH_SIZE, params.users_total - next_start), users_total=params.users_total,
+                posts_total=params.posts_total, existing=params.existing + [_label(c) for c in characters]))
         return {"usernames": [c.username for c in characters]}
 
 

@@ -1,41 +1,15 @@
-"""Shared world-context helpers for jobs: the world_parameters store, exact-count batches, naming."""
+"""Helpers the batch jobs share: exact-count batches and naming."""
 
 from __future__ import annotations
 
 import re
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any, TypeVar
+from typing import TypeVar
 
-from ai_worker.content.schemas import WorldDescription
 from ai_worker.errors import InvalidOutput
-from ai_worker.messaging.events import utcnow
 
-BATCH_SIZE = 10
 MAX_ASKS = 3
 T = TypeVar("T")
-
-WORLD_PARAMETERS = "world_parameters"
-
-
-class MongoWorldStore:
-    """`world_parameters` (_id = world id): the WorldDescription plus created_at / updated_at."""
-
-    def __init__(self, db: Any) -> None:
-        self._col = db[WORLD_PARAMETERS]
-
-    async def load(self, world_id: str) -> WorldDescription | None:
-        doc = await self._col.find_one({"_id": world_id})
-        if doc is None:
-            return None
-        return WorldDescription.model_validate({k: v for k, v in doc.items() if k in WorldDescription.model_fields})
-
-    async def save(self, world_id: str, description: WorldDescription) -> None:
-        now = utcnow()
-        await self._col.update_one(
-            {"_id": world_id},
-            {"$set": {**description.model_dump(mode="json"), "updated_at": now}, "$setOnInsert": {"created_at": now}},
-            upsert=True,
-        )
 
 
 async def exact_count(

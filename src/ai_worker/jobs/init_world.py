@@ -6,9 +6,10 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from ai_worker.jobs.context import Job, JobContext
+from ai_worker.jobs.world_description import GenerateWorldDescription
 from ai_worker.messaging.events import TaskType
-from ai_worker.tasks.context import JobContext
-from ai_worker.tasks.registry import Job
+from ai_worker.worlds.plan import Prediction, WorldOpening, WorldPlan
 
 MAX_USERS = 500
 MAX_POSTS = 5000
@@ -33,23 +34,28 @@ class InitParams(BaseModel):
         return value.strip()
 
 
-class DescriptionParams(BaseModel):
-    user_prompt: str
-    users_count: int
-    posts_count: int
-
-
 class InitWorldCreation(Job[InitParams]):
     task_type = TaskType.INIT_WORLD_CREATION
     Params = InitParams
+    stage = "initializing"
+    max_attempts = 4
+    timeout_s = 60.0
+    world_level = True
+    priority = 100
+    opens_world = True
+
+    @classmethod
+    def predict(cls, plan: WorldPlan) -> Prediction:
+        return Prediction(tasks=1)
+
+    def world_opening(self, params: InitParams) -> WorldOpening:
+        return WorldOpening(plan=WorldPlan(users=params.users_count, posts=params.posts_count),
+                            user_prompt=params.user_prompt, llm_call_limit=params.api_call_limits_llm,
+                            image_call_limit=params.api_call_limits_images, budget_usd=params.budget_usd)
 
     async def run(self, ctx: JobContext, params: InitParams) -> dict[str, Any]:
-        ctx.spawn(
-            TaskType.GENERATE_WORLD_DESCRIPTION,
-            "description",
-            DescriptionParams(user_prompt=params.user_prompt, users_count=params.users_count,
-                              posts_count=params.posts_count),
-        )
+        ctx.spawn(GenerateWorldDescription, "description", GenerateWorldDescription.Params(
+            user_prompt=params.user_prompt, users_count=params.users_count, posts_count=params.posts_count))
         return {"users_count": params.users_count, "posts_count": params.posts_count}
 
 

@@ -10,23 +10,35 @@ from pydantic import BaseModel
 
 from ai_worker.content.schemas import CharacterSpec, PostBatch, PostIdea
 from ai_worker.content.world import render_character, render_world
-from ai_worker.jobs.character import PostBatchParams
-from ai_worker.jobs.common import BATCH_SIZE, bullet_list, exact_count
+from ai_worker.jobs.common import bullet_list, exact_count
+from ai_worker.jobs.context import Job, JobContext
+from ai_worker.jobs.post import GeneratePost
 from ai_worker.messaging.events import TaskType
-from ai_worker.tasks.context import JobContext
-from ai_worker.tasks.registry import Job
+from ai_worker.worlds.plan import BATCH_SIZE, Prediction, WorldPlan
 
 
-class PostParams(BaseModel):
+class PostBatchParams(BaseModel):
     character_id: str
+    character_index: int
     character: CharacterSpec
-    post_index: int
-    idea: PostIdea
+    batch_index: int
+    start_index: int
+    count: int
+    total: int
+    existing: list[str] = []
 
 
 class GeneratePostBatch(Job[PostBatchParams]):
     task_type = TaskType.GENERATE_POST_BATCH
     Params = PostBatchParams
+    stage = "posts"
+    timeout_s = 600.0
+    priority = 60
+
+    @classmethod
+    def predict(cls, plan: WorldPlan) -> Prediction:
+        n = plan.post_batches()
+        return Prediction(tasks=n, llm_calls=n)
 
     async def run(self, ctx: JobContext, params: PostBatchParams) -> dict[str, Any]:
         world_text = render_world(await ctx.world())
@@ -44,16 +56,14 @@ class GeneratePostBatch(Job[PostBatchParams]):
         ideas = await ctx.step("ideas", generate, list[PostIdea])
         for offset, idea in enumerate(ideas):
             index = params.start_index + offset
-            ctx.spawn(TaskType.GENERATE_POST, f"post-{index}",
-                      PostParams(character_id=params.character_id, character=params.character,
-                                 post_index=index, idea=idea))
+            ctx.spawn(GeneratePost, f"post-{index}", GeneratePost.Params(
+                character_id=params.character_id, character=params.character, post_index=index, idea=idea))
         next_start = params.start_index + params.count
         if next_start < params.total:
-            ctx.spawn(TaskType.GENERATE_POST_BATCH, f"post-batch-{params.batch_index + 1}",
-                      params.model_copy(update={
-                          "batch_index": params.batch_index + 1, "start_index": next_start,
-                          "count": min(BATCH_SIZE, params.total - next_start),
-                          "existing": params.existing + [i.topic for i in ideas]}))
+            ctx.spawn(GeneratePostBatch, f"post-batch-{params.batch_index + 1}", params.model_copy(update={
+                "batch_index": params.batch_index + 1, "start_index": next_start,
+                "count": min(BATCH_SIZE, params.total - next_start),
+                "existing": params.existing + [i.topic for i in ideas]}))
         return {"topics": [i.topic for i in ideas]}
 
 

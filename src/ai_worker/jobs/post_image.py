@@ -5,18 +5,36 @@ from __future__ import annotations
 
 from typing import Any
 
+from pydantic import BaseModel
+
 from ai_worker.content.world import image_style
 from ai_worker.images.upload import UploadedMedia
-from ai_worker.jobs.post import PostImageParams
+from ai_worker.jobs.context import Job, JobContext
 from ai_worker.messaging.events import TaskType
 from ai_worker.platform.clients import MediaKind
-from ai_worker.tasks.context import JobContext, LeaseLost
-from ai_worker.tasks.registry import Job
+from ai_worker.tasks.context import LeaseLost
+from ai_worker.worlds.plan import Prediction, WorldPlan
+
+
+class PostImageParams(BaseModel):
+    character_id: str
+    post_index: int
+    caption: str
+    image_prompt: str
+    tags: list[str]
 
 
 class GeneratePostImage(Job[PostImageParams]):
     task_type = TaskType.GENERATE_POST_IMAGE
     Params = PostImageParams
+    stage = "posts"
+    timeout_s = 900.0
+    priority = 10
+    produces = "posts"
+
+    @classmethod
+    def predict(cls, plan: WorldPlan) -> Prediction:
+        return Prediction(tasks=plan.posts, images=plan.posts)
 
     async def run(self, ctx: JobContext, params: PostImageParams) -> dict[str, Any]:
         world = await ctx.world()

@@ -7,29 +7,31 @@ from typing import Any
 from pydantic import BaseModel
 
 from ai_worker.content.schemas import WorldDescription
-from ai_worker.jobs.common import BATCH_SIZE
-from ai_worker.jobs.init_world import DescriptionParams
+from ai_worker.jobs.character_batch import GenerateCharacterBatch
+from ai_worker.jobs.context import Job, JobContext
+from ai_worker.jobs.world_image import GenerateWorldImage
 from ai_worker.messaging.events import TaskType
-from ai_worker.tasks.context import JobContext
-from ai_worker.tasks.registry import Job
+from ai_worker.worlds.plan import BATCH_SIZE, Prediction, WorldPlan
 
 
-class CharacterBatchParams(BaseModel):
-    batch_index: int
-    start_index: int
-    count: int
-    users_total: int
-    posts_total: int
-    existing: list[str] = []
-
-
-class WorldImageParams(BaseModel):
-    pass
+class DescriptionParams(BaseModel):
+    user_prompt: str
+    users_count: int
+    posts_count: int
 
 
 class GenerateWorldDescription(Job[DescriptionParams]):
     task_type = TaskType.GENERATE_WORLD_DESCRIPTION
     Params = DescriptionParams
+    stage = "world_description"
+    max_attempts = 4
+    timeout_s = 600.0
+    world_level = True
+    priority = 90
+
+    @classmethod
+    def predict(cls, plan: WorldPlan) -> Prediction:
+        return Prediction(tasks=1, llm_calls=1)
 
     async def run(self, ctx: JobContext, params: DescriptionParams) -> dict[str, Any]:
         prompt = ctx.prompt("world_description", user_prompt=params.user_prompt,
@@ -48,12 +50,10 @@ class GenerateWorldDescription(Job[DescriptionParams]):
             return True
 
         await ctx.step("update_world_params", update_params, bool)
-        ctx.spawn(TaskType.GENERATE_WORLD_IMAGE, "world-image", WorldImageParams())
-        ctx.spawn(
-            TaskType.GENERATE_CHARACTER_BATCH, "character-batch-0",
-            CharacterBatchParams(batch_index=0, start_index=0, count=min(BATCH_SIZE, params.users_count),
-                                 users_total=params.users_count, posts_total=params.posts_count),
-        )
+        ctx.spawn(GenerateWorldImage, "world-image", GenerateWorldImage.Params())
+        ctx.spawn(GenerateCharacterBatch, "character-batch-0", GenerateCharacterBatch.Params(
+            batch_index=0, start_index=0, count=min(BATCH_SIZE, params.users_count),
+            users_total=params.users_count, posts_total=params.posts_count))
         return {"name": world.name, "language": world.language}
 
 

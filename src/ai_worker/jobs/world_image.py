@@ -4,18 +4,31 @@ from __future__ import annotations
 
 from typing import Any
 
+from pydantic import BaseModel
+
 from ai_worker.content.world import image_style
 from ai_worker.images.upload import UploadedMedia
-from ai_worker.jobs.world_description import WorldImageParams
+from ai_worker.jobs.context import Job, JobContext
 from ai_worker.messaging.events import TaskType
 from ai_worker.platform.clients import MediaKind
-from ai_worker.tasks.context import JobContext
-from ai_worker.tasks.registry import Job
+from ai_worker.worlds.plan import Prediction, WorldPlan
+
+
+class WorldImageParams(BaseModel):
+    pass
 
 
 class GenerateWorldImage(Job[WorldImageParams]):
     task_type = TaskType.GENERATE_WORLD_IMAGE
     Params = WorldImageParams
+    stage = "world_image"
+    max_attempts = 4
+    timeout_s = 900.0
+    priority = 10
+
+    @classmethod
+    def predict(cls, plan: WorldPlan) -> Prediction:
+        return Prediction(tasks=1, images=2)
 
     async def run(self, ctx: JobContext, params: WorldImageParams) -> dict[str, Any]:
         world = await ctx.world()

@@ -15,21 +15,20 @@ from __future__ import annotations
 import contextlib
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, Literal, Protocol
+from typing import Protocol
 
 import structlog
 from pymongo.errors import DuplicateKeyError
 
 from ai_worker.errors import BudgetExceeded
-from ai_worker.providers.history import WORLD_STATUS_COLLECTION, CallContext
+from ai_worker.mongo import Collection, Database
+from ai_worker.providers.history import CallContext
+from ai_worker.worlds.status import CALL_FIELDS, LIVE, CallKind, WorldStatusStore
 
 log = structlog.get_logger(__name__)
 
-Kind = Literal["llm", "image"]
+Kind = CallKind
 BUDGETS_COLLECTION = "budgets"
-_CALLS = {"llm": ("api_calls_reserved_LLM", "api_call_limits_LLM"),
-          "image": ("api_calls_reserved_images", "api_call_limits_images")}
-_LIVE = ["pending", "in_progress"]
 _CAP_CACHE_SIZE = 4096
 
 
@@ -56,22 +55,23 @@ class Unlimited:
 
 
 class MongoBudget:
-    def __init__(self, db: Any, *, daily_cap_usd: float) -> None:
-        self._worlds = db[WORLD_STATUS_COLLECTION]
-        self._budgets = db[BUDGETS_COLLECTION]
-        self._daily_cap = daily_cap_usd
-        self._caps: dict[str, tuple[float | None, dict[str, int | None]]] = {}
+    """The per-world ledger is kept by the world's status store; the daily one is `budgets` (owned here)."""
 
-    async def _world_caps(self, world_id: str) -> tuple[float | None, dict[str, int | None]] | None:
+    def __init__(self, db: Database, *, daily_cap_usd: float) -> None:
+        self._worlds = WorldStatusStore(db)
+        self._budgets: Collection = db[BUDGETS_COLLECTION]
+        self._daily_cap = daily_cap_usd
+        self._caps: dict[str, tuple[float | None, dict[Kind, int | None]]] = {}
+
+    async def _world_caps(self, world_id: str) -> tuple[float | None, dict[Kind, int | None]] | None:
         """(money cap, call limits) of a world; constant once the world exists, so cached."""
         if world_id in self._caps:
             return self._caps[world_id]
-        doc = await self._worlds.find_one({"_id": world_id}, {"budget_usd": 1, "api_call_limits_LLM": 1,
-                                                              "api_call_limits_images": 1})
+        doc = await self._worlds.ledger(world_id)
         if doc is None:
             return None
         cap = doc.get("budget_usd")
-        limits = {kind: doc.get(limit) for kind, (_, limit) in _CALLS.items()}
+        limits = {kind: doc.get(fields[3]) for kind, fields in CALL_FIELDS.items()}
         entry = (float(cap) if isinstance(cap, int | float) else None,
                  {k: int(v) if isinstance(v, int) else None for k, v in limits.items()})
         if len(self._caps) >= _CAP_CACHE_SIZE:  # a long-running worker sees many worlds: keep the cache bounded
@@ -97,19 +97,12 @@ class MongoBudget:
         if caps is None:  # no status document: not a world this worker started (tools, tests)
             return
         cap, limits = caps
-        reserved_field, _ = _CALLS[kind]
-        query: dict[str, Any] = {"_id": world_id, "status": {"$in": _LIVE}}
-        if cap is not None:
-            query["budget_committed_usd"] = {"$lte": cap - amount}
         limit = limits.get(kind)
-        if limit is not None:
-            query[reserved_field] = {"$lt": limit}
-        res = await self._worlds.update_one(
-            query, {"$inc": {"budget_committed_usd": amount, reserved_field: 1}})
-        if res.matched_count:
+        if await self._worlds.reserve(world_id, kind, amount, cap, limit):
             return
-        doc = await self._worlds.find_one({"_id": world_id}) or {}
-        if doc.get("status") not in _LIVE:
+        reserved_field = CALL_FIELDS[kind][2]
+        doc = await self._worlds.get(world_id) or {}
+        if doc.get("status") not in LIVE:
             raise BudgetExceeded(f"world {world_id} is {doc.get('status')}: no more paid calls")
         if limit is not None and int(doc.get(reserved_field, 0)) >= limit:
             raise BudgetExceeded(f"world call limit reached: {limit} {kind} calls")
@@ -134,8 +127,7 @@ class MongoBudget:
             return
         try:
             if reservation.world_id is not None:
-                await self._worlds.update_one({"_id": reservation.world_id},
-                                              {"$inc": {"budget_committed_usd": delta}})
+                await self._worlds.settle(reservation.world_id, delta)
             if reservation.day is not None:
                 await self._budgets.update_one({"_id": reservation.day}, {"$inc": {"committed_usd": delta}})
         except Exception as exc:  # the reservation stays (conservative): never under-counts spend

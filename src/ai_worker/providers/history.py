@@ -15,13 +15,14 @@ from pymongo import ASCENDING
 from ai_worker.mongo import Collection, Database, Document
 from ai_worker.observability.metrics import observe_call
 from ai_worker.providers.stats import ModelStatsStore
+from ai_worker.worlds.status import CallKind, WorldStatusStore
 
 log = structlog.get_logger(__name__)
 
 ApiType = Literal["llm", "image_generation", "grpc", "upload"]
 
 HISTORY_COLLECTION = "api_requests_history"
-WORLD_STATUS_COLLECTION = "world_generation_status"
+_COUNTED_KINDS: dict[str, CallKind] = {"llm": "llm", "image_generation": "image"}
 
 
 @dataclass(frozen=True)
@@ -74,7 +75,7 @@ class MongoRecorder:
 
     def __init__(self, db: Database) -> None:
         self._history: Collection = db[HISTORY_COLLECTION]
-        self._worlds: Collection = db[WORLD_STATUS_COLLECTION]
+        self._worlds = WorldStatusStore(db)
         self._stats = ModelStatsStore(db)
 
     async def ensure_indexes(self) -> None:
@@ -90,18 +91,26 @@ class MongoRecorder:
                 await self._stats.add(doc)
             except Exception as exc:  # a summary, not the ledger: never fail the call over it
                 log.warning("model_stats_update_failed", model=record.model, error=str(exc))
-        if record.world_id is None:
-            return
-        inc: dict[str, Any]
-        if record.api_type == "llm":
-            inc = {"api_calls_made_LLM": 1, "llm_cost_total": record.cost}
-        elif record.api_type == "image_generation":
-            inc = {"api_calls_made_images": 1, "image_cost_total": record.cost}
-        else:
-            return
-        await self._worlds.update_one(
-            {"_id": record.world_id}, {"$inc": inc, "$set": {"updated_at": record.created_at}}
-        )
+        kind = _COUNTED_KINDS.get(record.api_type)
+        if record.world_id is not None and kind is not None:
+            await self._worlds.add_call(record.world_id, kind, record.cost, record.created_at)
+
+    async def sync_world(self, world_id: str) -> None:
+        """Set the world's call counters and cost totals to what the history holds (the truth).
+
+        Call only when every task of the world is terminal (no call can be in flight): `record` writes
+        the history document and then `$inc`s the counters, so a crash or a database outage between the two
+        leaves the counters short; this repairs them before the world is marked finished."""
+        pipeline: list[Document] = [
+            {"$match": {"world_id": world_id, "api_type": {"$in": list(_COUNTED_KINDS)}}},
+            {"$group": {"_id": "$api_type", "n": {"$sum": 1}, "cost": {"$sum": "$cost"}}},
+        ]
+        totals: dict[CallKind, tuple[int, float]] = {}
+        async for row in await self._history.aggregate(pipeline):
+            kind = _COUNTED_KINDS.get(str(row["_id"]))
+            if kind is not None:
+                totals[kind] = (int(row["n"]), float(row["cost"] or 0.0))
+        await self._worlds.set_call_totals(world_id, totals)
 
     async def world_records(self, world_id: str) -> list[Document]:
         """The LLM and image attempts of one world (what `models stats --world` summarises exactly)."""

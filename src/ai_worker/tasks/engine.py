@@ -15,12 +15,12 @@ import structlog
 from pydantic import ValidationError
 
 from ai_worker.errors import BudgetExceeded, InvalidParameters, UnknownTaskType, WorkerError
-from ai_worker.messaging.events import BadMessage, EventType, TaskEvent, TaskType, utcnow
+from ai_worker.messaging.events import BadMessage, EventType, TaskEvent, utcnow
 from ai_worker.observability.logging import task_log_context
-from ai_worker.tasks.context import JobContext, LeaseLost, Services
+from ai_worker.tasks.context import ContextFactory, LeaseLost, TaskContext
 from ai_worker.tasks.model import TERMINAL, TaskDoc, TaskStatus
 from ai_worker.tasks.progress import WorldProgress
-from ai_worker.tasks.registry import JobRegistry
+from ai_worker.tasks.registry import JobPolicy, JobRegistry
 from ai_worker.tasks.retry import RetryPolicy
 from ai_worker.tasks.store import TaskStore
 
@@ -33,6 +33,11 @@ class Publisher(Protocol):
     async def publish_progress(self, event: dict[str, Any]) -> None: ...
 
 
+class Accounting(Protocol):
+    async def sync_world(self, world_id: str) -> None:
+        """Make a world's call counters exact (called when none of its tasks can still be calling)."""
+
+
 class Engine:
     def __init__(
         self,
@@ -40,16 +45,18 @@ class Engine:
         store: TaskStore,
         progress: WorldProgress,
         registry: JobRegistry,
-        services: Services,
         publisher: Publisher,
         worker_id: str,
         lease_s: float,
+        context_factory: ContextFactory = TaskContext,
+        accounting: Accounting | None = None,
         policy: RetryPolicy | None = None,
     ) -> None:
         self.store = store
         self.progress = progress
         self.registry = registry
-        self.services = services
+        self._new_context = context_factory
+        self._accounting = accounting
         self.publisher = publisher
         self.worker_id = worker_id
         self.lease_s = lease_s
@@ -100,10 +107,21 @@ class Engine:
 
     # --- running a claimed task ------------------------------------------------------------------------
     async def _run_claimed(self, task: TaskDoc) -> None:
-        if task.type == TaskType.INIT_WORLD_CREATION:
-            await self.progress.open_world(task)
+        policy = self.registry.policy(task.type)
+        job = self.registry.create(task.type)
+        try:
+            params = job.Params.model_validate(task.parameters)
+        except ValidationError as exc:
+            error = InvalidParameters(_readable(exc))
+            if policy.opens_world:  # the world never starts: say why on its status document
+                await self.progress.status.open_failed(task.world_id, f"{error.error_type}: {error}", task.parameters,
+                                                       utcnow())
+            await self._on_failure(task, error, policy)
+            return
+        if policy.opens_world:
+            await self.progress.open_world(task.world_id, job.world_opening(params))
         else:
-            world = await self.progress.get(task.world_id)
+            world = await self.progress.status.get(task.world_id)
             if world is not None and world.get("status") == "failed":
                 # The world was cancelled (or failed) while this task waited: it must not add content.
                 reason = f"world is failed: {world.get('failure_reason') or 'a world-level step failed'}"
@@ -114,15 +132,9 @@ class Engine:
         log.info("task started")
         lost = asyncio.Event()
         heartbeat = asyncio.create_task(self._heartbeat(task, lost))
-        max_attempts = self.policy.max_attempts(task.type)
-        ctx = JobContext(task=task, worker_id=self.worker_id, max_attempts=max_attempts,
-                         services=self.services, steps=self.store, is_cancelled=lost.is_set)
+        ctx = self._new_context(task=task, worker_id=self.worker_id, max_attempts=policy.max_attempts,
+                                steps=self.store, is_cancelled=lost.is_set)
         try:
-            job = self.registry.create(task.type)
-            try:
-                params = job.Params.model_validate(task.parameters)
-            except ValidationError as exc:
-                raise InvalidParameters(_readable(exc)) from None
             result = await job.run(ctx, params)
         except asyncio.CancelledError:
             log.warning("task interrupted; its lease will expire and it will be re-run")
@@ -131,7 +143,7 @@ class Engine:
             log.warning("task abandoned", reason=str(exc))
             return
         except Exception as exc:
-            await self._on_failure(task, exc)
+            await self._on_failure(task, exc, policy)
             return
         finally:
             heartbeat.cancel()
@@ -139,7 +151,7 @@ class Engine:
                 await heartbeat
         await self._on_success(task, ctx, result)
 
-    async def _on_success(self, task: TaskDoc, ctx: JobContext, result: dict[str, Any]) -> None:
+    async def _on_success(self, task: TaskDoc, ctx: TaskContext, result: dict[str, Any]) -> None:
         now = utcnow()
         docs = [c.to_document(task, now) for c in ctx.children]
         inserted = await self.store.insert_children(docs)
@@ -151,10 +163,10 @@ class Engine:
             await self._publish(doc["_id"], doc["type"], doc["world_id"])
         await self._refresh(task.world_id)
 
-    async def _on_failure(self, task: TaskDoc, exc: BaseException) -> None:
-        decision = self.policy.decide(exc, task.type, task.attempt_count)
+    async def _on_failure(self, task: TaskDoc, exc: BaseException, policy: JobPolicy) -> None:
+        max_attempts = policy.max_attempts
+        decision = self.policy.decide(exc, task.attempt_count, max_attempts)
         message = f"{decision.error_type}: {exc}"[:2000] if str(exc) else decision.error_type
-        max_attempts = self.policy.max_attempts(task.type)
         if decision.retry:
             not_before = utcnow() + timedelta(seconds=decision.delay_s)
             if not await self.store.schedule_retry(task, self.worker_id, message, decision.error_type, not_before):
@@ -169,7 +181,7 @@ class Engine:
                 log.warning("lost the lease before failing the task")
                 return
             if decision.error_type == BudgetExceeded.error_type:
-                await self.progress.mark_budget_exceeded(task.world_id, message)
+                await self.progress.status.mark_budget_exceeded(task.world_id, message)
             log.error("task failed", error_type=decision.error_type, error=message,
                       retryable=decision.retryable, max_attempts=max_attempts,
                       exc_info=not isinstance(exc, WorkerError | ValidationError))
@@ -196,9 +208,10 @@ class Engine:
     # --- helpers ------------------------------------------------------------------------------------------
     async def _refresh(self, world_id: str) -> None:
         counts = await self.store.counts_by_type_status(world_id)
-        if counts and all(status in _TERMINAL_VALUES for (_, status) in counts):
+        all_terminal = bool(counts) and all(status in _TERMINAL_VALUES for (_, status) in counts)
+        if all_terminal and self._accounting is not None:
             # Nothing can be in flight any more: make the call counters exact before the world finishes.
-            await self.store.sync_call_counters(world_id)
+            await self._accounting.sync_world(world_id)
         finished = await self.progress.refresh(world_id, counts)
         if finished:
             log.info("world finished", world_id=world_id, status=finished)

@@ -10,9 +10,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from ai_worker.messaging.events import TaskType
-
-__all__ = ["TERMINAL", "WORLD_LEVEL_TYPES", "ChildTask", "TaskDoc", "TaskStatus", "TaskType", "child_task_id"]
+__all__ = ["TERMINAL", "ChildTask", "TaskDoc", "TaskStatus", "child_task_id"]
 
 # Namespace for deterministic child ids: uuid5(namespace, f"{parent_id}/{key}").
 _CHILD_NAMESPACE = uuid.UUID("6f1c2a8e-3b0d-4c55-9a3e-1d2f0b7c9e41")
@@ -27,12 +25,6 @@ class TaskStatus(StrEnum):
 
 
 TERMINAL = frozenset({TaskStatus.COMPLETED, TaskStatus.FAILED, TaskStatus.CANCELLED})
-
-# A permanent failure of one of these fails the world (CONTRACTS.md / ARCHITECTURE.md).
-WORLD_LEVEL_TYPES = frozenset(
-    {TaskType.INIT_WORLD_CREATION, TaskType.GENERATE_WORLD_DESCRIPTION, TaskType.GENERATE_CHARACTER_BATCH}
-)
-
 
 def child_task_id(parent_id: str, key: str) -> str:
     return str(uuid.uuid5(_CHILD_NAMESPACE, f"{parent_id}/{key}"))
@@ -72,16 +64,16 @@ class TaskDoc(BaseModel):
 
 
 class ChildTask(BaseModel):
-    """A child declared by a job with ctx.spawn(type, key, params)."""
+    """A child declared by a job with ctx.spawn(job, key, params)."""
 
-    type: TaskType
+    type: str
     key: str
     parameters: dict[str, Any]
 
     def to_document(self, parent: TaskDoc, now: datetime) -> dict[str, Any]:
         return {
             "_id": child_task_id(parent.id, self.key),
-            "type": self.type.value,
+            "type": self.type,
             "world_id": parent.world_id,
             "status": TaskStatus.PENDING.value,
             "worker_id": None,

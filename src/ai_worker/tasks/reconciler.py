@@ -8,15 +8,15 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable
 from datetime import timedelta
-from typing import Any
 
 import structlog
 from pymongo.errors import DuplicateKeyError
 
 from ai_worker.messaging.events import utcnow
+from ai_worker.mongo import Collection, Database
 from ai_worker.tasks.engine import Engine, Publisher
-from ai_worker.tasks.progress import WORLD_STATUS
 from ai_worker.tasks.store import TaskStore
+from ai_worker.worlds.status import WorldStatusStore
 
 log = structlog.get_logger(__name__)
 
@@ -26,11 +26,11 @@ BATCH = 500
 
 class Reconciler:
     def __init__(
-        self, *, db: Any, store: TaskStore, engine: Engine, publisher: Publisher, worker_id: str,
-        interval_s: float, lease_s: float, ensure_topics: Callable[[], Awaitable[Any]] | None = None,
+        self, *, db: Database, store: TaskStore, engine: Engine, publisher: Publisher, worker_id: str,
+        interval_s: float, lease_s: float, ensure_topics: Callable[[], Awaitable[object]] | None = None,
     ) -> None:
-        self._leases = db[LEASES]
-        self._worlds = db[WORLD_STATUS]
+        self._leases: Collection = db[LEASES]
+        self._worlds = WorldStatusStore(db)
         self._store = store
         self._engine = engine
         self._publisher = publisher
@@ -85,9 +85,8 @@ class Reconciler:
             else:
                 failed += 1
         finished = 0
-        async for world in self._worlds.find({"status": "in_progress", "updated_at": {"$lt": stale}},
-                                             {"_id": 1}, limit=BATCH):
-            await self._engine.refresh_world(str(world["_id"]))
+        for world_id in await self._worlds.stale(stale, BATCH):
+            await self._engine.refresh_world(world_id)
             finished += 1
         if republished or expired or failed:
             log.info("reconciled", republished=republished, expired_leases=expired, worlds_checked=finished,

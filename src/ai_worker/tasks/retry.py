@@ -1,9 +1,9 @@
-"""Retry policy: per-type attempt limits, error classification and exponential backoff with jitter."""
+"""Retry policy: error classification and exponential backoff with jitter. How many attempts a task gets is
+its job's policy (`Job.max_attempts`, TASK_MAX_ATTEMPTS), passed in by the engine."""
 
 from __future__ import annotations
 
 import random
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import httpx
@@ -11,15 +11,6 @@ from pydantic import ValidationError
 from pymongo.errors import PyMongoError
 
 from ai_worker.errors import RateLimited, WorkerError
-from ai_worker.messaging.events import TaskType
-
-DEFAULT_MAX_ATTEMPTS: dict[str, int] = {
-    TaskType.INIT_WORLD_CREATION.value: 4,
-    TaskType.GENERATE_WORLD_DESCRIPTION.value: 4,
-    TaskType.GENERATE_WORLD_IMAGE.value: 4,
-    TaskType.GENERATE_CHARACTER_BATCH.value: 4,
-}
-OTHER_MAX_ATTEMPTS = 2
 
 
 @dataclass(frozen=True)
@@ -49,22 +40,17 @@ def classify(exc: BaseException) -> tuple[str, bool]:
 class RetryPolicy:
     base_delay_s: float = 2.0
     max_delay_s: float = 60.0
-    max_attempts_overrides: Mapping[str, int] = field(default_factory=dict)
     rng: random.Random = field(default_factory=random.Random)
-
-    def max_attempts(self, task_type: str) -> int:
-        if task_type in self.max_attempts_overrides:
-            return max(1, self.max_attempts_overrides[task_type])
-        return DEFAULT_MAX_ATTEMPTS.get(task_type, OTHER_MAX_ATTEMPTS)
 
     def backoff(self, attempt: int) -> float:
         """Full-jitter-ish: a random delay in [cap/2, cap], cap = min(max, base * 2^(attempt-1))."""
         cap = min(self.max_delay_s, self.base_delay_s * float(2 ** max(0, attempt - 1)))
         return float(cap * (0.5 + 0.5 * self.rng.random()))
 
-    def decide(self, exc: BaseException, task_type: str, attempt: int) -> Decision:
+    def decide(self, exc: BaseException, attempt: int, max_attempts: int) -> Decision:
+        """Retry (after how long) or fail, for attempt number `attempt` of at most `max_attempts`."""
         error_type, retryable = classify(exc)
-        if not retryable or attempt >= self.max_attempts(task_type):
+        if not retryable or attempt >= max_attempts:
             return Decision(False, 0.0, error_type, retryable)
         delay = self.backoff(attempt)
         if isinstance(exc, RateLimited) and exc.retry_after_s:

@@ -12,27 +12,25 @@ from pymongo import ASCENDING, ReturnDocument
 from pymongo.errors import BulkWriteError
 
 from ai_worker.messaging.events import utcnow
+from ai_worker.mongo import Collection, Database, Document
 from ai_worker.tasks.model import TaskDoc, TaskStatus
 
 log = structlog.get_logger(__name__)
 
 TASKS = "tasks"
-HISTORY = "api_requests_history"
-WORLD_STATUS = "world_generation_status"
 DUPLICATE_KEY = 11000
 
 
 class TaskStore:
-    def __init__(self, db: Any) -> None:
-        self._tasks = db[TASKS]
+    """The owner of the `tasks` collection."""
+
+    def __init__(self, db: Database) -> None:
+        self._tasks: Collection = db[TASKS]
 
     async def ensure_indexes(self) -> None:
         await self._tasks.create_index([("world_id", ASCENDING), ("type", ASCENDING), ("status", ASCENDING)])
         await self._tasks.create_index([("status", ASCENDING), ("not_before", ASCENDING)])
         await self._tasks.create_index([("status", ASCENDING), ("lease_until", ASCENDING)])
-        # The engine's other queries: the reconciler's scan of unfinished worlds, the call recount.
-        db = self._tasks.database
-        await db[WORLD_STATUS].create_index([("status", ASCENDING), ("updated_at", ASCENDING)])
 
     async def get(self, task_id: str) -> TaskDoc | None:
         doc = await self._tasks.find_one({"_id": task_id})
@@ -217,31 +215,8 @@ class TaskStore:
         )
         return int(res.modified_count)
 
-    async def sync_call_counters(self, world_id: str) -> None:
-        """Set the world's call counters and cost totals to what `api_requests_history` holds (the truth).
-
-        Call only when every task of the world is terminal (no call can be in flight): the recorder writes
-        the history document and then `$inc`s the counters, so a crash or a database outage between the two
-        leaves the counters short; this repairs them before the world is marked finished."""
-        db = self._tasks.database
-        pipeline = [
-            {"$match": {"world_id": world_id, "api_type": {"$in": ["llm", "image_generation"]}}},
-            {"$group": {"_id": "$api_type", "n": {"$sum": 1}, "cost": {"$sum": "$cost"}}},
-        ]
-        totals: dict[str, tuple[int, float]] = {}
-        cursor = await db[HISTORY].aggregate(pipeline)
-        async for row in cursor:
-            totals[str(row["_id"])] = (int(row["n"]), float(row["cost"] or 0.0))
-        llm_n, llm_cost = totals.get("llm", (0, 0.0))
-        img_n, img_cost = totals.get("image_generation", (0, 0.0))
-        await db[WORLD_STATUS].update_one(
-            {"_id": world_id, "status": {"$in": ["pending", "in_progress"]}},
-            {"$set": {"api_calls_made_LLM": llm_n, "llm_cost_total": llm_cost,
-                      "api_calls_made_images": img_n, "image_cost_total": img_cost}},
-        )
-
     async def counts_by_type_status(self, world_id: str) -> dict[tuple[str, str], int]:
-        pipeline = [
+        pipeline: list[Document] = [
             {"$match": {"world_id": world_id}},
             {"$group": {"_id": {"type": "$type", "status": "$status"}, "n": {"$sum": 1}}},
         ]
