@@ -80,7 +80,7 @@ def status(
 ) -> None:
     """Show a world's generation progress (world_generation_status)."""
     from ai_worker.client import world_status
-    from ai_worker.devstack.progress_view import render_status
+    from ai_worker.views import render_status
 
     mongo = mongo or os.environ.get("MONGODB_URI", DEFAULT_MONGO)
     database = database or os.environ.get("MONGODB_DATABASE", "generia_ai_worker")

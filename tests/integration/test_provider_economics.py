@@ -18,6 +18,7 @@ from typing import Any
 
 import httpx
 import pytest
+from fakes import MemoryRecorder
 from support import WorkerEnv, mongo, wait_world
 
 from ai_worker.content.schemas import PostContent
@@ -25,7 +26,7 @@ from ai_worker.devstack.stack import StackInfo
 from ai_worker.images.service import ImageService, provider_factory
 from ai_worker.llm.client import LLMClient, Prompt
 from ai_worker.providers.breaker import BreakerBoard, BreakerState
-from ai_worker.providers.history import CallContext, MemoryRecorder
+from ai_worker.providers.history import CallContext
 from ai_worker.providers.registry import ModelRegistry, parse_registry
 from ai_worker.providers.retrying import ProviderRetry
 from ai_worker.providers.routing import ModelRouter

@@ -12,9 +12,9 @@ from ai_worker.content.prompts import PromptLibrary
 from ai_worker.content.schemas import EnhancedImagePrompt, WorldDescription
 from ai_worker.errors import BudgetExceeded, InvalidOutput, ProviderRejected, ProviderUnavailable, WorkerError
 from ai_worker.images.enhance import PromptEnhancer
+from ai_worker.jobs.context import JobContext, Services
 from ai_worker.llm.client import Prompt
 from ai_worker.providers.history import CallContext
-from ai_worker.jobs.context import JobContext, Services
 from ai_worker.tasks.model import TaskDoc
 
 PROMPTS = PromptLibrary(Path(__file__).parents[2] / "prompts")

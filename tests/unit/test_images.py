@@ -7,6 +7,7 @@ from typing import Any
 
 import httpx
 import pytest
+from fakes import MemoryRecorder
 from PIL import Image
 
 from ai_worker.config import load_settings
@@ -16,7 +17,7 @@ from ai_worker.images.offline import OfflineImageProvider
 from ai_worker.images.openrouter import OpenRouterImageProvider, decode_data_url, nearest_aspect_ratio
 from ai_worker.images.service import ImageService
 from ai_worker.images.validate import normalize_image
-from ai_worker.providers.history import CallContext, MemoryRecorder
+from ai_worker.providers.history import CallContext
 from ai_worker.providers.retrying import NO_RETRY
 
 CALL = CallContext(task_id="t-1", world_id="w-1", request_type="generate_world_image", attempt=1)

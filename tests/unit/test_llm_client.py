@@ -6,6 +6,7 @@ from typing import Any
 
 import httpx
 import pytest
+from fakes import MemoryRecorder
 
 from ai_worker.content.schemas import PostContent
 from ai_worker.errors import (
@@ -16,7 +17,7 @@ from ai_worker.errors import (
     RateLimited,
 )
 from ai_worker.llm.client import LLMClient, LLMUsage, Prompt, strip_fences
-from ai_worker.providers.history import CallContext, MemoryRecorder
+from ai_worker.providers.history import CallContext
 from ai_worker.providers.retrying import NO_RETRY, ProviderRetry
 
 CALL = CallContext(task_id="task-1", world_id="world-1", request_type="post", attempt=2)

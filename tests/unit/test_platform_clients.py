@@ -9,11 +9,12 @@ from typing import Any
 import grpc
 import grpc.aio
 import pytest
+from fakes import MemoryRecorder
 
 from ai_worker.errors import PlatformRejected, PlatformUnavailable
 from ai_worker.platform import MediaKind, PlatformClients, ServiceResolver
 from ai_worker.platform.generated import character_pb2, media_pb2, post_pb2, world_pb2
-from ai_worker.providers.history import CallContext, MemoryRecorder
+from ai_worker.providers.history import CallContext
 
 Handler = Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[Any]]
 

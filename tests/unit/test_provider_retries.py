@@ -10,6 +10,7 @@ from typing import Any
 
 import httpx
 import pytest
+from fakes import MemoryRecorder
 from PIL import Image
 
 from ai_worker.config import load_settings
@@ -25,7 +26,7 @@ from ai_worker.errors import (
 from ai_worker.images.openrouter import OpenRouterImageProvider
 from ai_worker.images.service import ImageService
 from ai_worker.llm.client import LLMClient, Prompt
-from ai_worker.providers.history import CallContext, MemoryRecorder
+from ai_worker.providers.history import CallContext
 from ai_worker.providers.retrying import ProviderRetry
 
 CALL = CallContext(task_id="task-1", world_id="world-1", request_type="post", attempt=1)

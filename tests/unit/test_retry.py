@@ -10,8 +10,8 @@ import pytest
 from pydantic import BaseModel, ValidationError
 
 from ai_worker import errors
-from ai_worker.messaging.events import TaskType
 from ai_worker.jobs import build_registry
+from ai_worker.messaging.events import TaskType
 from ai_worker.tasks.retry import RetryPolicy, classify
 
 RETRYABLE: dict[type[errors.WorkerError], str] = {

@@ -8,6 +8,7 @@ from typing import Any
 
 import httpx
 import pytest
+from fakes import MemoryRecorder
 from PIL import Image
 
 from ai_worker.content.schemas import CharacterBatch, PostBatch, PostContent, WorldDescription
@@ -15,7 +16,7 @@ from ai_worker.devstack.simulator import ModelKnobs, ProviderSimulator, Simulato
 from ai_worker.errors import InvalidOutput, ProviderTimeout, ProviderUnavailable, RateLimited
 from ai_worker.images.openrouter import OpenRouterImageProvider
 from ai_worker.llm.client import LLMClient, Prompt
-from ai_worker.providers.history import CallContext, MemoryRecorder
+from ai_worker.providers.history import CallContext
 from ai_worker.providers.retrying import NO_RETRY
 
 CALL = CallContext(task_id="t-sim", world_id="w-sim", request_type="character_batch")

@@ -42,7 +42,7 @@ class PromptLibrary:
             self._cache[name] = (Template(sections["system"]), Template(sections["user"]))
         return self._cache[name]
 
-    def render(self, name: str, **values: Any) -> Prompt:
+    def render(self, name: str, /, **values: Any) -> Prompt:
         system, user = self._load(name)
         strs = {k: str(v) for k, v in values.items()}
         return Prompt(system=system.substitute(strs), user=user.substitute(strs))

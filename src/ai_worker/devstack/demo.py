@@ -20,8 +20,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from ai_worker.client import send_world
-from ai_worker.devstack.progress_view import render_status
 from ai_worker.devstack.stack import EmbeddedStack, StackInfo
+from ai_worker.views import render_status
 
 WORKER_DB = "generia_ai_worker"
 

@@ -22,7 +22,7 @@ from ai_worker.images.offline import OfflineImageProvider
 from ai_worker.images.openrouter import OpenRouterImageProvider
 from ai_worker.images.runware import RunwareImageProvider
 from ai_worker.providers.budget import CallBudget, Unlimited
-from ai_worker.providers.history import ApiRequestRecord, CallContext, MemoryRecorder, Recorder
+from ai_worker.providers.history import ApiRequestRecord, CallContext, NoRecorder, Recorder
 from ai_worker.providers.http_errors import status_of
 from ai_worker.providers.registry import FlatDefaults, ModelRegistry, ResolvedModel
 from ai_worker.providers.retrying import ProviderRetry
@@ -89,7 +89,7 @@ class ImageService:
             flat=FlatDefaults(price_per_image=price_usd),
             provider_kind="offline" if provider.name == "offline" else "openai")
         return cls(ModelRouter(registry, concurrency={"image": max_concurrency}),
-                   recorder if recorder is not None else MemoryRecorder(),
+                   recorder if recorder is not None else NoRecorder(),
                    providers=lambda _model: provider, retry=retry, budget=budget)
 
     def provider_for(self, model: ResolvedModel) -> ImageProvider:

@@ -83,8 +83,9 @@ class JobContext(TaskContext):
         )
         return UploadedMedia.model_validate(uploaded)
 
-    def prompt(self, name: str, **values: Any) -> Prompt:
-        return self.services.prompts.render(name, **values)
+    def prompt(self, template: str, /, **values: Any) -> Prompt:
+        """Render `prompts/<template>.md` with `values` (any placeholder name, `template` included)."""
+        return self.services.prompts.render(template, **values)
 
     @property
     def platform(self) -> PlatformClients:

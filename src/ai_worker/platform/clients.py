@@ -112,19 +112,15 @@ def _status_number(code: grpc.StatusCode) -> int:
 
 
 class _ServiceClient:
-    """One platform service: resolves its address, keeps one channel per address, makes calls."""
+    """One platform service: resolves its address, keeps one channel per address, makes calls.
+    Subclasses name the service (`service`: its Consul name; `grpc_service`: package.Service)."""
 
-    def __init__(
-        self,
-        *,
-        service: str,
-        grpc_service: str,
-        resolver: ServiceResolver,
-        deadline_s: float,
-        recorder: Recorder | None = None,
-    ) -> None:
-        self._service = service
-        self._grpc_service = grpc_service
+    service: str
+    grpc_service: str
+
+    def __init__(self, resolver: ServiceResolver, deadline_s: float, recorder: Recorder | None = None) -> None:
+        self._service = self.service
+        self._grpc_service = self.grpc_service
         self._resolver = resolver
         self._deadline_s = deadline_s
         self._recorder = recorder
@@ -249,6 +245,21 @@ def _character_summary(msg: character_pb2.Character) -> dict[str, Any]:
     return {"id": msg.id, "is_ai": msg.is_ai}
 
 
+class _Outcome(Protocol):
+    success: bool
+    message: str
+
+
+def _outcome(response: _Outcome) -> dict[str, Any]:
+    return {"success": response.success, "message": response.message}
+
+
+def _require_success(method: str, response: _Outcome) -> None:
+    """The World service answers success=false (not a gRPC error) when it refuses an update."""
+    if not response.success:
+        raise PlatformRejected(f"{WORLD_SERVICE} {method} refused: {response.message}")
+
+
 def _drop_none(**fields: Any) -> dict[str, Any]:
     return {k: v for k, v in fields.items() if v is not None}
 
@@ -257,16 +268,8 @@ def _drop_none(**fields: Any) -> dict[str, Any]:
 
 
 class CharacterClient(_ServiceClient):
-    def __init__(
-        self, resolver: ServiceResolver, deadline_s: float, recorder: Recorder | None = None
-    ) -> None:
-        super().__init__(
-            service=CHARACTER_SERVICE,
-            grpc_service="generia.character.CharacterService",
-            resolver=resolver,
-            deadline_s=deadline_s,
-            recorder=recorder,
-        )
+    service = CHARACTER_SERVICE
+    grpc_service = "generia.character.CharacterService"
 
     async def create_character(
         self,
@@ -349,16 +352,8 @@ class CharacterClient(_ServiceClient):
 
 
 class MediaClient(_ServiceClient):
-    def __init__(
-        self, resolver: ServiceResolver, deadline_s: float, recorder: Recorder | None = None
-    ) -> None:
-        super().__init__(
-            service=MEDIA_SERVICE,
-            grpc_service="media.MediaService",
-            resolver=resolver,
-            deadline_s=deadline_s,
-            recorder=recorder,
-        )
+    service = MEDIA_SERVICE
+    grpc_service = "media.MediaService"
 
     async def get_presigned_upload_url(
         self,
@@ -419,16 +414,8 @@ class MediaClient(_ServiceClient):
 
 
 class PostClient(_ServiceClient):
-    def __init__(
-        self, resolver: ServiceResolver, deadline_s: float, recorder: Recorder | None = None
-    ) -> None:
-        super().__init__(
-            service=POST_SERVICE,
-            grpc_service="post.PostService",
-            resolver=resolver,
-            deadline_s=deadline_s,
-            recorder=recorder,
-        )
+    service = POST_SERVICE
+    grpc_service = "post.PostService"
 
     async def create_ai_post(
         self,
@@ -462,16 +449,8 @@ class PostClient(_ServiceClient):
 
 
 class WorldClient(_ServiceClient):
-    def __init__(
-        self, resolver: ServiceResolver, deadline_s: float, recorder: Recorder | None = None
-    ) -> None:
-        super().__init__(
-            service=WORLD_SERVICE,
-            grpc_service="world.WorldService",
-            resolver=resolver,
-            deadline_s=deadline_s,
-            recorder=recorder,
-        )
+    service = WORLD_SERVICE
+    grpc_service = "world.WorldService"
 
     async def update_world_image(
         self, *, world_id: str, image_uuid: str, icon_uuid: str, call: CallContext | None = None
@@ -483,10 +462,9 @@ class WorldClient(_ServiceClient):
             world_pb2.UpdateWorldImageResponse.FromString,
             call=call,
             request_data=fields,
-            summarize=lambda r: {"success": r.success, "message": r.message},
+            summarize=_outcome,
         )
-        if not response.success:
-            raise PlatformRejected(f"{WORLD_SERVICE} UpdateWorldImage refused: {response.message}")
+        _require_success("UpdateWorldImage", response)
 
     async def update_world_params(
         self,
@@ -516,10 +494,9 @@ class WorldClient(_ServiceClient):
                 "posts_count": posts_count,
                 "params_chars": len(params_json),
             },
-            summarize=lambda r: {"success": r.success, "message": r.message},
+            summarize=_outcome,
         )
-        if not response.success:
-            raise PlatformRejected(f"{WORLD_SERVICE} UpdateWorldParams refused: {response.message}")
+        _require_success("UpdateWorldParams", response)
 
     async def get_world(
         self, world_id: str, *, user_id: str = "", call: CallContext | None = None

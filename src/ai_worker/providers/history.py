@@ -120,11 +120,8 @@ class MongoRecorder:
         return [doc async for doc in cursor]
 
 
-class MemoryRecorder:
-    """For unit tests."""
-
-    def __init__(self) -> None:
-        self.records: list[ApiRequestRecord] = []
+class NoRecorder:
+    """Records nothing (tools that make a one-off call outside any world)."""
 
     async def record(self, record: ApiRequestRecord) -> None:
-        self.records.append(record)
+        return None

@@ -1,4 +1,5 @@
-"""Rendering a world's progress (world_generation_status) for the terminal."""
+"""Terminal views of the worker's state: a world's progress (world_generation_status) as a table, for `status`
+and `dev`."""
 
 from __future__ import annotations
 
