@@ -11,6 +11,7 @@ from pydantic import BaseModel, model_validator
 
 from ai_worker.errors import UploadFailed
 from ai_worker.images.base import GeneratedImage
+from ai_worker.platform.clients import MediaClient, MediaKind
 from ai_worker.providers.history import ApiRequestRecord, CallContext, Recorder
 
 log = structlog.get_logger(__name__)
@@ -31,13 +32,13 @@ class UploadedMedia(BaseModel):
 
 
 class MediaUploader:
-    def __init__(self, media: Any, http: httpx.AsyncClient, recorder: Recorder | None = None) -> None:
+    def __init__(self, media: MediaClient, http: httpx.AsyncClient, recorder: Recorder | None = None) -> None:
         self._media = media
         self._http = http
         self._recorder = recorder
 
     async def upload(
-        self, *, world_id: str, character_id: str, filename: str, media_type: Any, image: GeneratedImage,
+        self, *, world_id: str, character_id: str, filename: str, media_type: MediaKind, image: GeneratedImage,
         call: CallContext,
     ) -> UploadedMedia:
         presigned = await self._media.get_presigned_upload_url(

@@ -16,10 +16,9 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any
 
 import structlog
-from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
+from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, ConsumerRecord, TopicPartition
 
 from ai_worker.messaging.events import BadMessage, TaskEvent, parse_task_event
 from ai_worker.messaging.offsets import OffsetTracker
@@ -134,7 +133,7 @@ class TaskConsumer:
                 self._consumer.resume(*paused)
             self._paused = False
 
-    def _dispatch(self, tp: TopicPartition, msg: Any) -> None:
+    def _dispatch(self, tp: TopicPartition, msg: ConsumerRecord[bytes, bytes]) -> None:
         self._tracker.add(tp, msg.offset)
         task = asyncio.create_task(self._process(tp, msg))
         self._tasks.setdefault(tp, set()).add(task)
@@ -145,7 +144,7 @@ class TaskConsumer:
 
         task.add_done_callback(done)
 
-    async def _process(self, tp: TopicPartition, msg: Any) -> None:
+    async def _process(self, tp: TopicPartition, msg: ConsumerRecord[bytes, bytes]) -> None:
         # Each message runs in its own asyncio task (its own contextvars copy): bind where it came from.
         structlog.contextvars.bind_contextvars(kafka_partition=tp.partition, kafka_offset=msg.offset)
         where = {"partition": tp.partition, "offset": msg.offset}
@@ -164,7 +163,7 @@ class TaskConsumer:
             log.error("message handling failed; left to the reconciler", error=str(exc),
                       error_type=type(exc).__name__, **where)
 
-    async def _dead_letter(self, tp: TopicPartition, msg: Any, reason: str) -> None:
+    async def _dead_letter(self, tp: TopicPartition, msg: ConsumerRecord[bytes, bytes], reason: str) -> None:
         try:
             await self._producer.send_dead_letter(
                 value=msg.value, key=msg.key, headers=list(msg.headers or ()), reason=reason,

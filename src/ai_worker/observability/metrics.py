@@ -5,9 +5,12 @@ outcome; costs are summed per model. Label values come from the model registry, 
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING
 
 from prometheus_client import Counter, Histogram
+
+if TYPE_CHECKING:
+    from ai_worker.providers.history import ApiRequestRecord
 
 PROVIDER_REQUESTS = Counter(
     "ai_worker_provider_requests_total", "Provider request attempts (LLM, image)",
@@ -19,7 +22,7 @@ PROVIDER_TOKENS = Counter("ai_worker_provider_tokens_total", "Tokens used", ["mo
 PROVIDER_COST = Counter("ai_worker_provider_cost_usd_total", "Cost of provider calls, USD", ["api_type", "model"])
 
 
-def observe_call(record: Any) -> None:
+def observe_call(record: ApiRequestRecord) -> None:
     """Count one `ApiRequestRecord` (LLM or image generation attempts; other types are ignored)."""
     if record.api_type not in ("llm", "image_generation"):
         return

@@ -77,6 +77,7 @@ from pymongo import ReturnDocument
 from pymongo.errors import DuplicateKeyError
 
 from ai_worker.errors import RateLimited
+from ai_worker.mongo import Database
 
 log = structlog.get_logger(__name__)
 
@@ -200,7 +201,7 @@ class _Need:
 class MongoRateLimiter:
     """Rate limits shared through MongoDB (see the module docstring for the guarantee)."""
 
-    def __init__(self, db: Any, *, max_wait_s: float = 30.0, burst_fraction: float = 0.1,
+    def __init__(self, db: Database, *, max_wait_s: float = 30.0, burst_fraction: float = 0.1,
                  max_penalty_s: float = 60.0, minute_s: float = 60.0, clock: Clock = time.time,
                  sleep: Sleep = asyncio.sleep) -> None:
         if not 0 <= burst_fraction < 1:
