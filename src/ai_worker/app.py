@@ -100,10 +100,10 @@ async def run_worker(settings: Settings, stop: asyncio.Event | None = None) -> N
     policy = RetryPolicy(base_delay_s=settings.retry_base_delay_s, max_delay_s=settings.retry_max_delay_s)
     registry = build_registry(max_attempts=settings.task_max_attempts)
     budget_usd = settings.world_budget_usd
-    progress = WorldProgress(status, registry, default_budget=lambda _plan: budget_usd)
+    progress = WorldProgress(status, registry, tasks=store, accounting=recorder,
+                             default_budget=lambda _plan: budget_usd)
     engine = Engine(store=store, progress=progress, registry=registry, context_factory=JobContext.factory(services),
-                    accounting=recorder, publisher=producer, worker_id=settings.worker_id,
-                    lease_s=settings.task_lease_s, policy=policy)
+                    publisher=producer, worker_id=settings.worker_id, lease_s=settings.task_lease_s, policy=policy)
     consumer = TaskConsumer(
         bootstrap=settings.kafka_bootstrap, topic=settings.kafka_topic_tasks, group_id=settings.kafka_group_id,
         handler=engine.handle, producer=producer, max_in_flight=settings.max_concurrent_tasks,

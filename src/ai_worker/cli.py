@@ -111,8 +111,8 @@ def cancel(
     Running jobs notice at their next step (their lease renewal fails) and stop without side effects."""
     from pymongo import AsyncMongoClient
 
-    from ai_worker.tasks.store import TaskStore
-    from ai_worker.worlds.status import WorldStatusStore
+    from ai_worker.jobs import build_registry
+    from ai_worker.tasks.operations import cancel_world
 
     mongo = mongo or os.environ.get("MONGODB_URI", DEFAULT_MONGO)
     database = database or os.environ.get("MONGODB_DATABASE", "generia_ai_worker")
@@ -120,10 +120,9 @@ def cancel(
     async def go() -> int:
         client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(mongo, tz_aware=True)
         try:
-            db = client[database]
-            n = await TaskStore(db).cancel_world(world_id, reason)
-            marked = await WorldStatusStore(db).fail(world_id, reason)
-            console.print(f"cancelled {n} task(s); world {'marked failed' if marked else 'was already terminal'}")
+            report = await cancel_world(client[database], build_registry(), world_id, reason)
+            console.print(f"cancelled {report.tasks_cancelled} task(s); world "
+                          f"{'marked failed' if report.world_failed else 'was already terminal'}")
             return 0
         finally:
             await client.close()

@@ -109,7 +109,8 @@ def make_engine(db: Any, worker: str, publisher: Recorder, lease_s: float = 30.0
     registry = JobRegistry()
     registry.register(ScriptedJob)
     registry.register(ChildJob)
-    return Engine(store=TaskStore(db), progress=WorldProgress(WorldStatusStore(db), registry), registry=registry,
+    return Engine(store=TaskStore(db), progress=WorldProgress(WorldStatusStore(db), registry, tasks=TaskStore(db)),
+                  registry=registry,
                   publisher=publisher, worker_id=worker, lease_s=lease_s,
                   policy=RetryPolicy(base_delay_s=0.05, max_delay_s=0.1))
 

@@ -109,7 +109,8 @@ async def test_a_new_job_type_runs_with_one_module_one_prompt_one_registry_line(
     services = Services(llm=llm, images=None, media=None, platform=None,  # type: ignore[arg-type]
                         prompts=PromptLibrary(tmp_path), worlds=None)  # type: ignore[arg-type]
     events = Events()
-    engine = Engine(store=TaskStore(db), progress=WorldProgress(WorldStatusStore(db), registry), registry=registry,
+    engine = Engine(store=TaskStore(db), progress=WorldProgress(WorldStatusStore(db), registry, tasks=TaskStore(db)),
+                  registry=registry,
                     context_factory=JobContext.factory(services), publisher=events, worker_id="w1", lease_s=30,
                     policy=RetryPolicy(base_delay_s=0.05, max_delay_s=0.1))
     task_id, now = str(uuid.uuid4()), datetime.now(UTC)

@@ -1,13 +1,20 @@
-"""The engine: claim -> run -> complete / retry / fail, with a lease heartbeat and world progress.
+"""The engine: claim -> run -> complete / retry / fail, with a lease heartbeat, a timeout per attempt and
+world progress.
 
 Order of writes on success: children inserted (deterministic ids, duplicates ignored) -> parent marked
-completed (conditional on our claim) -> children's events published -> world progress refreshed.
-A crash between any two leaves a re-runnable parent or pending children for the reconciler."""
+completed (conditional on our claim) -> world progress counted (one `$inc`) -> children's events published.
+A crash between any two leaves a re-runnable parent or pending children for the reconciler, and counters
+that the world's exact recount repairs.
+
+A task document that does not have the contract's shape is quarantined (failed with
+`invalid_task_document`) and its event dead-lettered; it never stops the consumer or another task."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
+from collections import OrderedDict
 from datetime import timedelta
 from typing import Any, Protocol
 
@@ -16,26 +23,24 @@ from pydantic import ValidationError
 
 from ai_worker.errors import BudgetExceeded, InvalidParameters, UnknownTaskType, WorkerError
 from ai_worker.messaging.events import BadMessage, EventType, TaskEvent, utcnow
+from ai_worker.mongo import Document
 from ai_worker.observability.logging import task_log_context
 from ai_worker.tasks.context import ContextFactory, LeaseLost, TaskContext
-from ai_worker.tasks.model import TERMINAL, TaskDoc, TaskStatus
-from ai_worker.tasks.progress import WorldProgress
+from ai_worker.tasks.model import TERMINAL_VALUES, InvalidTaskDocument, TaskDoc, TaskStatus, parse_task
+from ai_worker.tasks.progress import WorldProgress, WorldState
 from ai_worker.tasks.registry import JobPolicy, JobRegistry
 from ai_worker.tasks.retry import RetryPolicy
 from ai_worker.tasks.store import TaskStore
 
 log = structlog.get_logger(__name__)
-_TERMINAL_VALUES = frozenset(s.value for s in TERMINAL)
+
+WORLD_CACHE_S = 2.0  # how long a world's status read by this process is trusted (cancel detection)
+WORLD_CACHE_SIZE = 4096
 
 
 class Publisher(Protocol):
     async def publish_task(self, task_id: str, task_type: str, world_id: str) -> None: ...
     async def publish_progress(self, event: dict[str, Any]) -> None: ...
-
-
-class Accounting(Protocol):
-    async def sync_world(self, world_id: str) -> None:
-        """Make a world's call counters exact (called when none of its tasks can still be calling)."""
 
 
 class Engine:
@@ -49,20 +54,20 @@ class Engine:
         worker_id: str,
         lease_s: float,
         context_factory: ContextFactory = TaskContext,
-        accounting: Accounting | None = None,
         policy: RetryPolicy | None = None,
     ) -> None:
         self.store = store
         self.progress = progress
         self.registry = registry
         self._new_context = context_factory
-        self._accounting = accounting
         self.publisher = publisher
         self.worker_id = worker_id
         self.lease_s = lease_s
         self.policy = policy or RetryPolicy()
+        self._types = frozenset(registry.types())
         self._timers: set[asyncio.TimerHandle] = set()
         self._background: set[asyncio.Task[None]] = set()
+        self._worlds: OrderedDict[str, tuple[float, str, str | None]] = OrderedDict()
 
     # --- entry point from the consumer ------------------------------------------------------------
     async def handle(self, event: TaskEvent) -> None:
@@ -72,33 +77,63 @@ class Engine:
             return
         if event.event_type != EventType.TASK_CREATED:
             raise BadMessage(f"unknown event_type {event.event_type[:64]!r}")
-        task = await self.store.get(event.task_id)
-        if task is None:
+        # The hot path is one round trip: claim straight away; look at the document only when that fails.
+        raw = await self.store.claim_raw(event.task_id, self.worker_id, self.lease_s, self._types)
+        if raw is not None:
+            task = await self._valid(raw)
+            with task_log_context(task_id=task.id, world_id=task.world_id, task_type=task.type,
+                                  attempt=task.attempt_count):
+                await self._run_claimed(task)
+            return
+        raw = await self.store.get_raw(event.task_id)
+        if raw is None:
             raise BadMessage(f"unknown task id {event.task_id}: no such task document")
-        await self.process(task)
+        await self._unclaimable(await self._valid(raw))
 
     async def process(self, task: TaskDoc) -> None:
-        if not self.registry.knows(task.type):
-            reason = f"unknown task type {task.type[:64]!r}"
-            log.error("task failed", task_id=task.id, world_id=task.world_id, reason=reason)
-            if await self.store.fail_unclaimed(task.id, reason, UnknownTaskType.error_type):
-                await self._refresh(task.world_id)
-            raise BadMessage(reason)
-        if task.status in TERMINAL:
-            log.info("duplicate event skipped: task already terminal", task_id=task.id, status=task.status)
+        """Claim and run `task` (tests and tools; the consumer goes through `handle`)."""
+        raw = await self.store.claim_raw(task.id, self.worker_id, self.lease_s, self._types)
+        if raw is None:
+            await self._unclaimable(task)
             return
-        claimed = await self.store.claim(task.id, self.worker_id, self.lease_s)
-        if claimed is None:
-            self._skip_unclaimable(task)
-            return
-        with task_log_context(
-            task_id=claimed.id, world_id=claimed.world_id, task_type=claimed.type, attempt=claimed.attempt_count
-        ):
+        claimed = await self._valid(raw)
+        with task_log_context(task_id=claimed.id, world_id=claimed.world_id, task_type=claimed.type,
+                              attempt=claimed.attempt_count):
             await self._run_claimed(claimed)
 
-    def _skip_unclaimable(self, task: TaskDoc) -> None:
+    async def _valid(self, raw: Document) -> TaskDoc:
+        """The document as a TaskDoc; a malformed one is quarantined and its event dead-lettered."""
+        try:
+            return parse_task(raw)
+        except InvalidTaskDocument as exc:
+            await self.quarantine(raw, str(exc))
+            raise BadMessage(f"{exc.error_type}: {exc}") from None
+
+    async def quarantine(self, raw: Document, reason: str) -> bool:
+        """Fail a malformed task document (the reconciler calls this too); its world is recounted."""
+        if not await self.store.quarantine(raw, reason):
+            return False
+        log.error("task quarantined", task_id=str(raw.get("_id")), error_type=InvalidTaskDocument.error_type,
+                  error=reason)
+        world_id = raw.get("world_id")
+        if isinstance(world_id, str):
+            await self._recount(world_id)
+        return True
+
+    async def _unclaimable(self, task: TaskDoc) -> None:
+        """A valid task this worker could not claim: of a type it does not know, finished, not due yet, or
+        running elsewhere."""
+        if not self.registry.knows(task.type):
+            reason = f"unknown task type {task.type[:64]!r}"
+            if await self.store.fail_unclaimed(task.id, f"{UnknownTaskType.error_type}: {reason}",
+                                               UnknownTaskType.error_type):
+                await self._recount(task.world_id)
+            raise BadMessage(reason)  # logged once, by the consumer, with the dead letter
+        if task.status in TERMINAL_VALUES:
+            log.info("duplicate event skipped: task already terminal", task_id=task.id, status=task.status)
+            return
         now = utcnow()
-        if task.status == TaskStatus.PENDING and task.not_before and task.not_before > now:
+        if task.status == TaskStatus.PENDING.value and task.not_before and task.not_before > now:
             delay = (task.not_before - now).total_seconds()
             log.info("task not due yet: scheduling", task_id=task.id, in_s=round(delay, 2))
             self._schedule_publish(task, delay)
@@ -115,19 +150,19 @@ class Engine:
             error = InvalidParameters(_readable(exc))
             if policy.opens_world:  # the world never starts: say why on its status document
                 await self.progress.status.open_failed(task.world_id, f"{error.error_type}: {error}", task.parameters,
-                                                       utcnow())
+                                                       utcnow(), task.type)
             await self._on_failure(task, error, policy)
             return
         if policy.opens_world:
-            await self.progress.open_world(task.world_id, job.world_opening(params))
+            await self.progress.open_world(task.world_id, job.world_opening(params), task.type)
         else:
-            world = await self.progress.status.get(task.world_id)
-            if world is not None and world.get("status") == "failed":
+            status, reason = await self._world_status(task.world_id)
+            if status == "failed":
                 # The world was cancelled (or failed) while this task waited: it must not add content.
-                reason = f"world is failed: {world.get('failure_reason') or 'a world-level step failed'}"
-                if await self.store.cancel_claimed(task, self.worker_id, reason):
-                    log.info("task cancelled: its world already failed", reason=reason)
-                    await self._refresh(task.world_id)
+                why = f"world is failed: {reason or 'a world-level step failed'}"
+                if await self.store.cancel_claimed(task, self.worker_id, why):
+                    log.info("task cancelled: its world already failed", reason=why)
+                    await self._record(task.world_id, failed=task.type)
                 return
         log.info("task started")
         lost = asyncio.Event()
@@ -135,12 +170,21 @@ class Engine:
         ctx = self._new_context(task=task, worker_id=self.worker_id, max_attempts=policy.max_attempts,
                                 steps=self.store, is_cancelled=lost.is_set)
         try:
-            result = await job.run(ctx, params)
+            async with asyncio.timeout(policy.timeout_s):
+                result = await job.run(ctx, params)
         except asyncio.CancelledError:
             log.warning("task interrupted; its lease will expire and it will be re-run")
             raise
         except LeaseLost as exc:
             log.warning("task abandoned", reason=str(exc))
+            return
+        except TimeoutError as exc:
+            if lost.is_set():
+                log.warning("task abandoned", reason="lease lost")
+                return
+            timeout = TimeoutError(f"attempt exceeded the {policy.timeout_s:g}s timeout of {task.type}")
+            timeout.__cause__ = exc
+            await self._on_failure(task, timeout, policy)
             return
         except Exception as exc:
             await self._on_failure(task, exc, policy)
@@ -158,22 +202,24 @@ class Engine:
         if not await self.store.complete(task, self.worker_id, result):
             log.warning("lost the lease before completing; result discarded")
             return
-        log.info("task completed", children=len(docs), children_new=inserted)
+        log.info("task completed", children=len(docs), children_new=sum(inserted.values()))
+        await self._record(task.world_id, inserted=inserted, completed=task.type)
         for doc in docs:
             await self._publish(doc["_id"], doc["type"], doc["world_id"])
-        await self._refresh(task.world_id)
 
     async def _on_failure(self, task: TaskDoc, exc: BaseException, policy: JobPolicy) -> None:
         max_attempts = policy.max_attempts
-        decision = self.policy.decide(exc, task.attempt_count, max_attempts)
+        decision = self.policy.decide(exc, task.attempt_count, max_attempts, task.free_retries)
         message = f"{decision.error_type}: {exc}"[:2000] if str(exc) else decision.error_type
         if decision.retry:
             not_before = utcnow() + timedelta(seconds=decision.delay_s)
-            if not await self.store.schedule_retry(task, self.worker_id, message, decision.error_type, not_before):
+            if not await self.store.schedule_retry(task, self.worker_id, message, decision.error_type, not_before,
+                                                   spends_attempt=decision.spends_attempt):
                 log.warning("lost the lease before scheduling a retry")
                 return
             log.warning("task failed, will retry", error_type=decision.error_type, error=message,
-                        retry_in_s=round(decision.delay_s, 2), max_attempts=max_attempts)
+                        retry_in_s=round(decision.delay_s, 2), max_attempts=max_attempts,
+                        attempt_spent=decision.spends_attempt)
             self._schedule_publish(task, decision.delay_s)
             event_type = "task_retrying"
         else:
@@ -184,14 +230,15 @@ class Engine:
                 await self.progress.status.mark_budget_exceeded(task.world_id, message)
             log.error("task failed", error_type=decision.error_type, error=message,
                       retryable=decision.retryable, max_attempts=max_attempts,
-                      exc_info=not isinstance(exc, WorkerError | ValidationError))
+                      exc_info=not isinstance(exc, WorkerError | ValidationError | TimeoutError))
             event_type = "task_failed"
         await self._publish_progress({
             "event_type": event_type, "task_id": task.id, "task_type": task.type, "world_id": task.world_id,
             "error_type": decision.error_type, "error_message": message, "retry_possible": decision.retry,
             "attempt": task.attempt_count, "max_attempts": max_attempts,
         })
-        await self._refresh(task.world_id)
+        if not decision.retry:
+            await self._record(task.world_id, failed=task.type)
 
     async def _heartbeat(self, task: TaskDoc, lost: asyncio.Event) -> None:
         interval = max(0.5, self.lease_s / 3)
@@ -205,21 +252,44 @@ class Engine:
             except Exception as exc:  # the database is down: keep trying until the lease runs out
                 log.warning("lease renewal failed", error=str(exc))
 
-    # --- helpers ------------------------------------------------------------------------------------------
-    async def _refresh(self, world_id: str) -> None:
-        counts = await self.store.counts_by_type_status(world_id)
-        all_terminal = bool(counts) and all(status in _TERMINAL_VALUES for (_, status) in counts)
-        if all_terminal and self._accounting is not None:
-            # Nothing can be in flight any more: make the call counters exact before the world finishes.
-            await self._accounting.sync_world(world_id)
-        finished = await self.progress.refresh(world_id, counts)
-        if finished:
-            log.info("world finished", world_id=world_id, status=finished)
+    # --- world progress --------------------------------------------------------------------------------
+    async def _record(self, world_id: str, **transition: Any) -> None:
+        state = await self.progress.record(world_id, **transition)
+        if state is not None:
+            self._remember_world(world_id, state)
+            if state.finished is not None:
+                await self._publish_progress({"event_type": f"world_{state.finished}", "world_id": world_id})
+
+    async def _recount(self, world_id: str) -> None:
+        finished = await self.progress.recount(world_id)
+        if finished is not None:
+            self._worlds.pop(world_id, None)
             await self._publish_progress({"event_type": f"world_{finished}", "world_id": world_id})
 
     async def refresh_world(self, world_id: str) -> None:
-        await self._refresh(world_id)
+        """Recount a world exactly (the reconciler, for worlds that stopped moving)."""
+        await self._recount(world_id)
 
+    def _remember_world(self, world_id: str, state: WorldState) -> None:
+        self._worlds[world_id] = (time.monotonic(), state.status, state.failure_reason)
+        self._worlds.move_to_end(world_id)
+        while len(self._worlds) > WORLD_CACHE_SIZE:
+            self._worlds.popitem(last=False)
+
+    async def _world_status(self, world_id: str) -> tuple[str | None, str | None]:
+        """(status, failure_reason) of a world, read at most every WORLD_CACHE_S per world by this process
+        (every progress update of the world refreshes it for free)."""
+        cached = self._worlds.get(world_id)
+        if cached is not None and time.monotonic() - cached[0] < WORLD_CACHE_S:
+            return cached[1], cached[2]
+        doc = await self.progress.status.get_state(world_id)
+        if doc is None:
+            return None, None
+        state = WorldState(status=str(doc.get("status")), failure_reason=doc.get("failure_reason"))
+        self._remember_world(world_id, state)
+        return state.status, state.failure_reason
+
+    # --- helpers ------------------------------------------------------------------------------------------
     async def _publish(self, task_id: str, task_type: str, world_id: str) -> None:
         try:
             await self.publisher.publish_task(task_id, task_type, world_id)
@@ -256,3 +326,6 @@ def _readable(exc: ValidationError) -> str:
         where = ".".join(str(p) for p in err["loc"]) or "parameters"
         parts.append(f"{where}: {err['msg']}")
     return "invalid parameters: " + "; ".join(parts)
+
+
+__all__ = ["Engine", "Publisher"]

@@ -4,13 +4,16 @@ platform inserts the first task of a world with only the contract's keys."""
 from __future__ import annotations
 
 import uuid
+from collections.abc import Mapping
 from datetime import datetime
 from enum import StrEnum
-from typing import Any
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-__all__ = ["TERMINAL", "ChildTask", "TaskDoc", "TaskStatus", "child_task_id"]
+from ai_worker.errors import PermanentError
+
+__all__ = ["TERMINAL", "ChildTask", "InvalidTaskDocument", "TaskDoc", "TaskStatus", "child_task_id", "parse_task"]
 
 # Namespace for deterministic child ids: uuid5(namespace, f"{parent_id}/{key}").
 _CHILD_NAMESPACE = uuid.UUID("6f1c2a8e-3b0d-4c55-9a3e-1d2f0b7c9e41")
@@ -25,13 +28,16 @@ class TaskStatus(StrEnum):
 
 
 TERMINAL = frozenset({TaskStatus.COMPLETED, TaskStatus.FAILED, TaskStatus.CANCELLED})
+TERMINAL_VALUES = frozenset(s.value for s in TERMINAL)
+StatusValue = Literal["pending", "in_progress", "completed", "failed", "cancelled"]
+
 
 def child_task_id(parent_id: str, key: str) -> str:
     return str(uuid.uuid5(_CHILD_NAMESPACE, f"{parent_id}/{key}"))
 
 
 class Attempt(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", strict=True)
 
     worker_id: str
     started_at: datetime
@@ -42,12 +48,16 @@ class Attempt(BaseModel):
 
 
 class TaskDoc(BaseModel):
-    model_config = ConfigDict(extra="allow", populate_by_name=True)
+    """A task document as the worker reads it. Strict: a value of the wrong type (a null `parameters`, a
+    string `attempt_count`, a string `lease_until`) is a malformed document, not something to coerce;
+    only `created_at` / `updated_at` may be strings (the platform writes them so)."""
+
+    model_config = ConfigDict(extra="allow", populate_by_name=True, strict=True)
 
     id: str = Field(alias="_id")
     type: str
     world_id: str
-    status: str
+    status: StatusValue
     worker_id: str | None = None
     parameters: dict[str, Any] = Field(default_factory=dict)
     result: dict[str, Any] | None = None
@@ -61,6 +71,25 @@ class TaskDoc(BaseModel):
     not_before: datetime | None = None
     steps: dict[str, Any] = Field(default_factory=dict)
     attempts: list[Attempt] = Field(default_factory=list)
+    free_retries: int = 0  # retries that did not spend an attempt (infrastructure errors, provider waits)
+
+
+class InvalidTaskDocument(PermanentError):
+    """A task document that does not have the contract's shape; it is quarantined (failed), never run."""
+
+    error_type = "invalid_task_document"
+
+
+def parse_task(raw: Mapping[str, Any]) -> TaskDoc:
+    """Validate one raw task document; raises InvalidTaskDocument with a readable reason."""
+    try:
+        return TaskDoc.model_validate(raw)
+    except ValidationError as exc:
+        parts = []
+        for err in exc.errors()[:4]:
+            where = ".".join(str(p) for p in err["loc"]) or "document"
+            parts.append(f"{where}: {err['msg']}")
+        raise InvalidTaskDocument("invalid task document: " + "; ".join(parts)) from None
 
 
 class ChildTask(BaseModel):

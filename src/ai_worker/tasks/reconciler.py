@@ -13,8 +13,9 @@ import structlog
 from pymongo.errors import DuplicateKeyError
 
 from ai_worker.messaging.events import utcnow
-from ai_worker.mongo import Collection, Database
+from ai_worker.mongo import Collection, Database, Document
 from ai_worker.tasks.engine import Engine, Publisher
+from ai_worker.tasks.model import InvalidTaskDocument, TaskDoc, parse_task
 from ai_worker.tasks.store import TaskStore
 from ai_worker.worlds.status import WorldStatusStore
 
@@ -70,29 +71,51 @@ class Reconciler:
             if created:
                 log.warning("topics were missing and have been re-created", topics=created)
         stale = now - timedelta(seconds=self._interval_s)
-        republished = 0
-        failed = 0
-        for task in await self._store.due_pending(now, stale, BATCH):
+        counts = {"republished": 0, "expired_leases": 0, "worlds_checked": 0, "publish_failed": 0,
+                  "quarantined": 0, "errors": 0}
+        for raw in await self._store.due_pending(now, stale, BATCH):
+            task = await self._usable(raw, counts)
+            if task is None:
+                continue
             if await self._republish(task.id, task.type, task.world_id):
                 await self._store.touch(task.id)
-                republished += 1
+                counts["republished"] += 1
             else:
-                failed += 1
-        expired = 0
-        for task in await self._store.expired_leases(now, BATCH):
+                counts["publish_failed"] += 1
+        for raw in await self._store.expired_leases(now, BATCH):
+            task = await self._usable(raw, counts)
+            if task is None:
+                continue
             if await self._republish(task.id, task.type, task.world_id):
-                expired += 1
+                counts["expired_leases"] += 1
             else:
-                failed += 1
-        finished = 0
+                counts["publish_failed"] += 1
+        for raw in await self._store.malformed_live(BATCH):
+            await self._usable(raw, counts)
         for world_id in await self._worlds.stale(stale, BATCH):
-            await self._engine.refresh_world(world_id)
-            finished += 1
-        if republished or expired or failed:
-            log.info("reconciled", republished=republished, expired_leases=expired, worlds_checked=finished,
-                     publish_failed=failed)
-        return {"republished": republished, "expired_leases": expired, "worlds_checked": finished,
-                "publish_failed": failed}
+            try:
+                await self._engine.refresh_world(world_id)
+                counts["worlds_checked"] += 1
+            except Exception as exc:  # one world must not stop the pass for the others
+                counts["errors"] += 1
+                log.warning("world recount failed", world_id=world_id, error=str(exc), error_type=type(exc).__name__)
+        if any(counts[k] for k in ("republished", "expired_leases", "publish_failed", "quarantined", "errors")):
+            log.info("reconciled", **counts)
+        return counts
+
+    async def _usable(self, raw: Document, counts: dict[str, int]) -> TaskDoc | None:
+        """The document as a task, or None after quarantining a malformed one (one bad document never
+        stops the pass)."""
+        try:
+            return parse_task(raw)
+        except InvalidTaskDocument as exc:
+            try:
+                if await self._engine.quarantine(raw, str(exc)):
+                    counts["quarantined"] += 1
+            except Exception as err:
+                counts["errors"] += 1
+                log.warning("quarantine failed", task_id=str(raw.get("_id")), error=str(err))
+            return None
 
     async def _republish(self, task_id: str, task_type: str, world_id: str) -> bool:
         """One failed publish (e.g. a broker that just came back empty) must not abort the whole pass:

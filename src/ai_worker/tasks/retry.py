@@ -8,9 +8,12 @@ from dataclasses import dataclass, field
 
 import httpx
 from pydantic import ValidationError
-from pymongo.errors import PyMongoError
+from pymongo.errors import ConnectionFailure, PyMongoError
 
 from ai_worker.errors import RateLimited, WorkerError
+
+# Retries that do not spend an attempt are capped per task, so a task can never loop forever on them.
+MAX_FREE_RETRIES = 20
 
 
 @dataclass(frozen=True)
@@ -19,6 +22,17 @@ class Decision:
     delay_s: float
     error_type: str
     retryable: bool
+    spends_attempt: bool = True
+
+
+def spends_attempt(exc: BaseException) -> bool:
+    """Whether a failure counts against the task's attempts. It does not when the task was never given a
+    fair try: the database connection dropped (a server restart: the first write on each pooled connection
+    fails once) or a provider refused to be called yet (an open circuit breaker, our own rate limit: the
+    error says so with `spends_attempt = False`)."""
+    if isinstance(exc, ConnectionFailure):
+        return False
+    return bool(getattr(exc, "spends_attempt", True))
 
 
 def classify(exc: BaseException) -> tuple[str, bool]:
@@ -47,12 +61,14 @@ class RetryPolicy:
         cap = min(self.max_delay_s, self.base_delay_s * float(2 ** max(0, attempt - 1)))
         return float(cap * (0.5 + 0.5 * self.rng.random()))
 
-    def decide(self, exc: BaseException, attempt: int, max_attempts: int) -> Decision:
-        """Retry (after how long) or fail, for attempt number `attempt` of at most `max_attempts`."""
+    def decide(self, exc: BaseException, attempt: int, max_attempts: int, free_retries: int = 0) -> Decision:
+        """Retry (after how long) or fail, for attempt number `attempt` of at most `max_attempts`;
+        `free_retries` is how many retries of this task already did not spend an attempt."""
         error_type, retryable = classify(exc)
-        if not retryable or attempt >= max_attempts:
+        free = retryable and not spends_attempt(exc) and free_retries < MAX_FREE_RETRIES
+        if not retryable or (attempt >= max_attempts and not free):
             return Decision(False, 0.0, error_type, retryable)
         delay = self.backoff(attempt)
         if isinstance(exc, RateLimited) and exc.retry_after_s:
             delay = max(delay, min(exc.retry_after_s, self.max_delay_s))
-        return Decision(True, delay, error_type, retryable)
+        return Decision(True, delay, error_type, retryable, spends_attempt=not free)

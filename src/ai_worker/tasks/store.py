@@ -1,9 +1,15 @@
-"""The task state machine in MongoDB. Every write that changes a claimed task is conditional on the
-claim (status, worker id and attempt number), so a worker that lost its lease cannot overwrite the
-task. No multi-document transactions: correctness comes from the order of writes and idempotent ids."""
+"""The task state machine in MongoDB (the owner of `tasks`). Every write that changes a claimed task is
+conditional on the claim (status, worker id and attempt number), so a worker that lost its lease cannot
+overwrite the task. No multi-document transactions: correctness comes from the order of writes and
+idempotent ids.
+
+Reads hand back raw documents; the engine validates them one by one (`model.parse_task`), so one malformed
+document is quarantined (failed with `invalid_task_document`) and never stops a scan or another task."""
 
 from __future__ import annotations
 
+from collections import Counter
+from collections.abc import Collection as Many
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -13,12 +19,13 @@ from pymongo.errors import BulkWriteError
 
 from ai_worker.messaging.events import utcnow
 from ai_worker.mongo import Collection, Database, Document
-from ai_worker.tasks.model import TaskDoc, TaskStatus
+from ai_worker.tasks.model import TERMINAL_VALUES, TaskDoc, TaskStatus, parse_task
 
 log = structlog.get_logger(__name__)
 
 TASKS = "tasks"
 DUPLICATE_KEY = 11000
+_LIVE = [TaskStatus.PENDING.value, TaskStatus.IN_PROGRESS.value]
 
 
 class TaskStore:
@@ -31,18 +38,35 @@ class TaskStore:
         await self._tasks.create_index([("world_id", ASCENDING), ("type", ASCENDING), ("status", ASCENDING)])
         await self._tasks.create_index([("status", ASCENDING), ("not_before", ASCENDING)])
         await self._tasks.create_index([("status", ASCENDING), ("lease_until", ASCENDING)])
+        await self._tasks.create_index([("status", ASCENDING), ("updated_at", ASCENDING)])
+
+    # --- reading ----------------------------------------------------------------------------------
+    async def get_raw(self, task_id: str) -> Document | None:
+        doc: Document | None = await self._tasks.find_one({"_id": task_id})
+        return doc
 
     async def get(self, task_id: str) -> TaskDoc | None:
-        doc = await self._tasks.find_one({"_id": task_id})
-        return TaskDoc.model_validate(doc) if doc else None
+        """The task, validated (raises InvalidTaskDocument for a malformed one)."""
+        doc = await self.get_raw(task_id)
+        return parse_task(doc) if doc is not None else None
 
-    async def insert(self, doc: dict[str, Any]) -> None:
+    async def insert(self, doc: Document) -> None:
         await self._tasks.insert_one(doc)
 
-    async def claim(self, task_id: str, worker_id: str, lease_s: float) -> TaskDoc | None:
-        """pending (and due) or lease-expired in_progress -> in_progress, attempt_count + 1."""
+    # --- claiming -----------------------------------------------------------------------------------
+    async def claim(self, task_id: str, worker_id: str, lease_s: float,
+                    types: Many[str] | None = None) -> TaskDoc | None:
+        """Like `claim_raw`, validated (raises InvalidTaskDocument for a malformed document)."""
+        doc = await self.claim_raw(task_id, worker_id, lease_s, types)
+        return parse_task(doc) if doc is not None else None
+
+    async def claim_raw(self, task_id: str, worker_id: str, lease_s: float,
+                        types: Many[str] | None = None) -> Document | None:
+        """pending (and due) or lease-expired in_progress -> in_progress, attempt_count + 1. Only tasks of
+        `types` (the ones this worker runs) are claimed. Returns the raw claimed document, None when the
+        task is not claimable now."""
         now = utcnow()
-        claimable = {
+        claimable: Document = {
             "_id": task_id,
             "$or": [
                 {"status": TaskStatus.PENDING.value, "not_before": None},
@@ -50,7 +74,9 @@ class TaskStore:
                 {"status": TaskStatus.IN_PROGRESS.value, "lease_until": {"$lt": now}},
             ],
         }
-        doc = await self._tasks.find_one_and_update(
+        if types is not None:
+            claimable["type"] = {"$in": list(types)}
+        doc: Document | None = await self._tasks.find_one_and_update(
             claimable,
             {
                 "$set": {
@@ -64,10 +90,11 @@ class TaskStore:
             },
             return_document=ReturnDocument.AFTER,
         )
-        return TaskDoc.model_validate(doc) if doc else None
+        return doc
 
     @staticmethod
-    def _owned(task: TaskDoc, worker_id: str) -> dict[str, Any]:
+    def _owned(task: TaskDoc, worker_id: str) -> Document:
+        """The claim this worker holds: a write under it fails once the lease moved to someone else."""
         return {
             "_id": task.id,
             "status": TaskStatus.IN_PROGRESS.value,
@@ -89,21 +116,24 @@ class TaskStore:
         )
         return bool(res.matched_count)
 
-    async def insert_children(self, docs: list[dict[str, Any]]) -> int:
-        """Insert children; ids are deterministic, so duplicates (a re-run parent) are ignored."""
+    async def insert_children(self, docs: list[Document]) -> Counter[str]:
+        """Insert children; ids are deterministic, so duplicates (a re-run parent) are ignored. Returns how
+        many NEW children of each type were inserted (what the world's counters must add)."""
         if not docs:
-            return 0
+            return Counter()
         try:
-            res = await self._tasks.insert_many(docs, ordered=False)
-            return len(res.inserted_ids)
+            await self._tasks.insert_many(docs, ordered=False)
+            return Counter(str(d["type"]) for d in docs)
         except BulkWriteError as exc:
             errors = exc.details.get("writeErrors", [])
             other = [e for e in errors if e.get("code") != DUPLICATE_KEY]
             if other:
                 raise
-            return int(exc.details.get("nInserted", 0))
+            duplicate = {int(e["index"]) for e in errors}
+            return Counter(str(d["type"]) for i, d in enumerate(docs) if i not in duplicate)
 
-    def _finish_attempt(self, task: TaskDoc, outcome: str, now: datetime, **fields: Any) -> dict[str, Any]:
+    # --- transitions of a claimed task ---------------------------------------------------------------
+    def _finish_attempt(self, task: TaskDoc, outcome: str, now: datetime, **fields: Any) -> Document:
         idx = len(task.attempts) - 1
         if idx < 0:
             return {}
@@ -111,7 +141,7 @@ class TaskStore:
         out.update({f"attempts.{idx}.{k}": v for k, v in fields.items()})
         return out
 
-    async def complete(self, task: TaskDoc, worker_id: str, result: dict[str, Any]) -> bool:
+    async def complete(self, task: TaskDoc, worker_id: str, result: Document) -> bool:
         now = utcnow()
         res = await self._tasks.update_one(
             self._owned(task, worker_id),
@@ -123,6 +153,7 @@ class TaskStore:
                     "lease_until": None,
                     "updated_at": now,
                     "completed_at": now,
+                    "finished_at": now,
                     **self._finish_attempt(task, "completed", now),
                 }
             },
@@ -140,6 +171,7 @@ class TaskStore:
                     "error_type": error_type,
                     "lease_until": None,
                     "updated_at": now,
+                    "finished_at": now,
                     **self._finish_attempt(task, "failed", now, error_type=error_type, error=error),
                 }
             },
@@ -150,72 +182,113 @@ class TaskStore:
         now = utcnow()
         res = await self._tasks.update_one(
             self._owned(task, worker_id),
-            {"$set": {"status": TaskStatus.CANCELLED.value, "error": reason, "lease_until": None,
-                      "updated_at": now, **self._finish_attempt(task, "cancelled", now)}},
-        )
-        return bool(res.matched_count)
-
-    async def fail_unclaimed(self, task_id: str, error: str, error_type: str) -> bool:
-        """Fail a task nobody can run (e.g. an unknown type) straight from pending."""
-        res = await self._tasks.update_one(
-            {"_id": task_id, "status": TaskStatus.PENDING.value},
-            {"$set": {"status": TaskStatus.FAILED.value, "error": error, "error_type": error_type,
-                      "updated_at": utcnow()}},
+            {"$set": {"status": TaskStatus.CANCELLED.value, "error": reason, "error_type": "cancelled",
+                      "lease_until": None, "updated_at": now, "finished_at": now,
+                      **self._finish_attempt(task, "cancelled", now)}},
         )
         return bool(res.matched_count)
 
     async def schedule_retry(
-        self, task: TaskDoc, worker_id: str, error: str, error_type: str, not_before: datetime
+        self, task: TaskDoc, worker_id: str, error: str, error_type: str, not_before: datetime, *,
+        spends_attempt: bool = True,
     ) -> bool:
+        """Back to pending until `not_before`. A retry that does not spend an attempt (the failure was the
+        infrastructure's or a provider wait, not the task's) gives the claim's attempt back."""
+        now = utcnow()
+        update: Document = {
+            "$set": {
+                "status": TaskStatus.PENDING.value,
+                "worker_id": None,
+                "error": error,
+                "error_type": error_type,
+                "lease_until": None,
+                "not_before": not_before,
+                "updated_at": now,
+                **self._finish_attempt(task, "retrying", now, error_type=error_type, error=error),
+            }
+        }
+        if not spends_attempt:
+            update["$inc"] = {"attempt_count": -1, "free_retries": 1}
+        res = await self._tasks.update_one(self._owned(task, worker_id), update)
+        return bool(res.matched_count)
+
+    # --- transitions of tasks nobody can run -----------------------------------------------------------
+    async def fail_unclaimed(self, task_id: str, error: str, error_type: str) -> bool:
+        """Fail a task nobody can run (e.g. an unknown type) straight from pending."""
         now = utcnow()
         res = await self._tasks.update_one(
-            self._owned(task, worker_id),
-            {
-                "$set": {
-                    "status": TaskStatus.PENDING.value,
-                    "worker_id": None,
-                    "error": error,
-                    "error_type": error_type,
-                    "lease_until": None,
-                    "not_before": not_before,
-                    "updated_at": now,
-                    **self._finish_attempt(task, "retrying", now, error_type=error_type, error=error),
-                }
-            },
+            {"_id": task_id, "status": TaskStatus.PENDING.value},
+            {"$set": {"status": TaskStatus.FAILED.value, "error": error, "error_type": error_type,
+                      "lease_until": None, "updated_at": now, "finished_at": now}},
         )
         return bool(res.matched_count)
 
-    async def due_pending(self, now: datetime, older_than: datetime, limit: int) -> list[TaskDoc]:
-        """Pending tasks that are due and were last touched before `older_than` (their event may be lost)."""
+    async def quarantine(self, raw: Document, error: str) -> bool:
+        """Fail a malformed task document (whatever its fields hold) unless its status already says it is
+        finished. Returns True when this call quarantined it."""
+        if raw.get("status") in TERMINAL_VALUES:
+            return False
+        now = utcnow()
+        res = await self._tasks.update_one(
+            {"_id": raw["_id"], "status": {"$nin": list(TERMINAL_VALUES)}},
+            {"$set": {"status": TaskStatus.FAILED.value, "error": error[:2000], "error_type": "invalid_task_document",
+                      "lease_until": None, "updated_at": now, "finished_at": now}},
+        )
+        return bool(res.matched_count)
+
+    # --- the reconciler's scans (indexed) ---------------------------------------------------------------
+    async def due_pending(self, now: datetime, older_than: datetime, limit: int) -> list[Document]:
+        """Pending tasks that are due and were last touched before `older_than` (their event may be lost).
+        A platform-inserted task whose `updated_at` is a string counts as untouched."""
         cursor = self._tasks.find(
             {
                 "status": TaskStatus.PENDING.value,
-                "$or": [{"not_before": None}, {"not_before": {"$lte": now}}],
-                "updated_at": {"$lt": older_than},
+                "$and": [
+                    {"$or": [{"not_before": None}, {"not_before": {"$lte": now}}]},
+                    {"$or": [{"updated_at": {"$lt": older_than}}, {"updated_at": {"$type": "string"}},
+                             {"updated_at": None}]},
+                ],
             },
             limit=limit,
         )
-        return [TaskDoc.model_validate(d) async for d in cursor]
+        return [d async for d in cursor]
 
-    async def expired_leases(self, now: datetime, limit: int) -> list[TaskDoc]:
+    async def expired_leases(self, now: datetime, limit: int) -> list[Document]:
         cursor = self._tasks.find(
             {"status": TaskStatus.IN_PROGRESS.value, "lease_until": {"$lt": now}}, limit=limit
         )
-        return [TaskDoc.model_validate(d) async for d in cursor]
+        return [d async for d in cursor]
+
+    async def malformed_live(self, limit: int) -> list[Document]:
+        """Live tasks whose dates make them unclaimable (a string `not_before` or `lease_until`): found so
+        they can be quarantined even when their event was lost."""
+        cursor = self._tasks.find(
+            {"$or": [
+                {"status": TaskStatus.PENDING.value, "not_before": {"$type": "string"}},
+                {"status": TaskStatus.IN_PROGRESS.value, "lease_until": {"$type": "string"}},
+            ]},
+            limit=limit,
+        )
+        return [d async for d in cursor]
 
     async def touch(self, task_id: str) -> None:
         await self._tasks.update_one(
             {"_id": task_id, "status": TaskStatus.PENDING.value}, {"$set": {"updated_at": utcnow()}}
         )
 
+    # --- worlds ---------------------------------------------------------------------------------------
     async def cancel_world(self, world_id: str, reason: str) -> int:
+        now = utcnow()
         res = await self._tasks.update_many(
-            {"world_id": world_id, "status": {"$in": [TaskStatus.PENDING.value, TaskStatus.IN_PROGRESS.value]}},
-            {"$set": {"status": TaskStatus.CANCELLED.value, "error": reason, "updated_at": utcnow()}},
+            {"world_id": world_id, "status": {"$in": _LIVE}},
+            {"$set": {"status": TaskStatus.CANCELLED.value, "error": reason, "error_type": "cancelled",
+                      "lease_until": None, "updated_at": now, "finished_at": now}},
         )
         return int(res.modified_count)
 
     async def counts_by_type_status(self, world_id: str) -> dict[tuple[str, str], int]:
+        """Tasks of a world by (type, status): O(world size), for the exact recount only (the hot path keeps
+        incremental counters)."""
         pipeline: list[Document] = [
             {"$match": {"world_id": world_id}},
             {"$group": {"_id": {"type": "$type", "status": "$status"}, "n": {"$sum": 1}}},
@@ -223,5 +296,6 @@ class TaskStore:
         out: dict[tuple[str, str], int] = {}
         cursor = await self._tasks.aggregate(pipeline)
         async for row in cursor:
-            out[(row["_id"]["type"], row["_id"]["status"])] = int(row["n"])
+            key = row.get("_id") or {}
+            out[(str(key.get("type")), str(key.get("status")))] = int(row["n"])
         return out

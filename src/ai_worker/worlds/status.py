@@ -24,7 +24,7 @@ from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any, Final, Literal
 
-from pymongo import ASCENDING, DESCENDING
+from pymongo import ASCENDING, DESCENDING, ReturnDocument
 
 from ai_worker.messaging.events import utcnow
 from ai_worker.mongo import Collection, Database, Document
@@ -47,13 +47,17 @@ CALL_FIELDS: Final[dict[CallKind, tuple[str, str, str, str]]] = {
 }
 COUNTERS: Final[tuple[str, ...]] = ("tasks_total", "tasks_completed", "tasks_failed", "users_created",
                                     "posts_created")
+TASK_COUNTS: Final = "task_counts"
+# What a progress update reads back: enough to derive the stages and to know whether the world is live.
+_PROGRESS_VIEW: Final = {"status": 1, "stages": 1, "current_stage": 1, TASK_COUNTS: 1, "budget_exceeded": 1,
+                         "failure_reason": 1, **{c: 1 for c in COUNTERS}}
 
 
 def new_status_document(
     *, users: int, posts: int, user_prompt: str, task_predicted: int, llm_call_limit: int, image_call_limit: int,
-    budget_usd: float | None, now: datetime,
+    budget_usd: float | None, now: datetime, first_task_type: str,
 ) -> Document:
-    """A world's document as it is created (before its first task ran)."""
+    """A world's document as it is created (its first task, of `first_task_type`, exists and is counted)."""
     return {
         "status": "in_progress",
         "current_stage": STAGES[0],
@@ -79,6 +83,8 @@ def new_status_document(
         "parameters": {"users_count": users, "posts_count": posts, "user_prompt": user_prompt},
         "created_at": now,
         "updated_at": now,
+        # ours: the world's tasks by type (total, done, failed incl. cancelled), kept with the counters
+        TASK_COUNTS: {first_task_type: {"total": 1, "done": 0, "failed": 0}},
     }
 
 
@@ -94,6 +100,11 @@ class WorldStatusStore:
     # --- reading -----------------------------------------------------------------------------------
     async def get(self, world_id: str) -> Document | None:
         doc: Document | None = await self._col.find_one({"_id": world_id})
+        return doc
+
+    async def get_state(self, world_id: str) -> Document | None:
+        """Just the world's `status` and `failure_reason` (is it still live?)."""
+        doc: Document | None = await self._col.find_one({"_id": world_id}, {"status": 1, "failure_reason": 1})
         return doc
 
     async def stale(self, older_than: datetime, limit: int) -> list[str]:
@@ -113,10 +124,20 @@ class WorldStatusStore:
         """Create the document (idempotent: the first writer wins)."""
         await self._col.update_one({"_id": world_id}, {"$setOnInsert": doc}, upsert=True)
 
+    async def add_progress(self, world_id: str, increments: Mapping[str, int]) -> Document | None:
+        """One task transition (or a parent's completion with its new children): `$inc` the counters and the
+        per-type counts in one update, and read back what the stages are derived from. O(1)."""
+        doc: Document | None = await self._col.find_one_and_update(
+            {"_id": world_id}, {"$inc": dict(increments), "$set": {"updated_at": utcnow()}},
+            projection=_PROGRESS_VIEW, return_document=ReturnDocument.AFTER)
+        return doc
+
     async def write_progress(
         self, world_id: str, counters: Mapping[str, int], current_stage: str, stages: Mapping[str, str],
+        task_counts: Mapping[str, Mapping[str, int]] | None = None,
     ) -> None:
-        """Raise the counters to at least `counters` and move each stage forward to `stages[name]`."""
+        """Raise the counters (and per-type counts) to at least the values given and move each stage forward
+        to `stages[name]`; `current_stage` is set as given."""
         sets: dict[str, Any] = {"updated_at": utcnow(), "current_stage": current_stage}
         filters: list[Document] = []
         for i, stage in enumerate(STAGES):
@@ -128,10 +149,16 @@ class WorldStatusStore:
                 continue
             sets[f"stages.$[s{i}].status"] = status
             filters.append({f"s{i}.name": stage, f"s{i}.status": {"$in": lower}})
-        update: Document = {"$max": dict(counters), "$set": sets}
+        highest: dict[str, int] = dict(counters)
+        for task_type, values in (task_counts or {}).items():
+            highest.update({f"{TASK_COUNTS}.{task_type}.{k}": v for k, v in values.items()})
+        update: Document = {"$set": sets}
+        if highest:
+            update["$max"] = highest
         await self._col.update_one({"_id": world_id}, update, array_filters=filters or None)
 
-    async def open_failed(self, world_id: str, reason: str, parameters: Mapping[str, Any], now: datetime) -> None:
+    async def open_failed(self, world_id: str, reason: str, parameters: Mapping[str, Any], now: datetime,
+                          first_task_type: str) -> None:
         """Record a world that could not start (its parameters are invalid): `failed` with the reason, and
         no predictions (nothing will be made). Idempotent, and never overwrites a world that exists."""
         def count(value: Any) -> int:
@@ -139,7 +166,7 @@ class WorldStatusStore:
 
         doc = new_status_document(
             users=0, posts=0, user_prompt=str(parameters.get("user_prompt") or "")[:4000], task_predicted=1,
-            llm_call_limit=0, image_call_limit=0, budget_usd=None, now=now)
+            llm_call_limit=0, image_call_limit=0, budget_usd=None, now=now, first_task_type=first_task_type)
         doc.update(status="failed", failure_reason=reason[:2000], finished_at=now,
                    parameters={"users_count": count(parameters.get("users_count")),
                                "posts_count": count(parameters.get("posts_count")),
@@ -217,5 +244,5 @@ def stage_statuses(doc: Document) -> dict[str, str]:
     return out
 
 
-__all__ = ["CALL_FIELDS", "COLLECTION", "COUNTERS", "LIVE", "STAGES", "TERMINAL_WORLD", "CallKind",
+__all__ = ["CALL_FIELDS", "COLLECTION", "COUNTERS", "LIVE", "STAGES", "TASK_COUNTS", "TERMINAL_WORLD", "CallKind",
            "WorldStatusStore", "new_status_document", "stage_statuses"]

@@ -1,0 +1,124 @@
+"""The scheduling policy: slots and buffered work are served fair by world, then by priority, then FIFO."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+
+import pytest
+
+from ai_worker.scheduling import CURRENT, FairQueue, FairSlots, WorkClass, working_as
+
+
+async def _start(slots: FairSlots, work: WorkClass, order: list[str], name: str, hold: asyncio.Event) -> None:
+    async with slots.slot(work):
+        order.append(name)
+        await hold.wait()
+
+
+async def test_free_slots_are_taken_at_once_then_waiters_queue() -> None:
+    slots = FairSlots(2)
+    a, b = WorkClass("w1", 0), WorkClass("w1", 0)
+    assert await slots.acquire(a) == a and await slots.acquire(b) == b
+    assert slots.in_use == 2
+    waiter = asyncio.create_task(slots.acquire(WorkClass("w1", 0)))
+    await asyncio.sleep(0)
+    assert not waiter.done() and slots.waiting == 1
+    slots.release(a)
+    await asyncio.wait_for(waiter, 1)
+    assert slots.in_use == 2 and slots.waiting == 0
+
+
+async def test_a_waiting_world_with_fewer_slots_goes_first() -> None:
+    slots = FairSlots(2)
+    big = WorkClass("big", 0)
+    await slots.acquire(big)
+    await slots.acquire(big)
+    order: list[str] = []
+    hold = asyncio.Event()
+    tasks = [asyncio.create_task(_start(slots, WorkClass("big", 0), order, f"big{i}", hold)) for i in range(3)]
+    await asyncio.sleep(0)
+    tasks.append(asyncio.create_task(_start(slots, WorkClass("small", 0), order, "small", hold)))
+    await asyncio.sleep(0)
+    slots.release(big)  # one slot frees: the small world (0 held) beats the big one (1 held), though later
+    await asyncio.sleep(0)
+    assert order == ["small"]
+    slots.release(big)
+    await asyncio.sleep(0)
+    assert order == ["small", "big0"]
+    hold.set()
+    await asyncio.gather(*tasks)
+    assert slots.in_use == 0
+
+
+async def test_within_a_world_higher_priority_first_then_fifo() -> None:
+    slots = FairSlots(1)
+    first = WorkClass("w", 0)
+    await slots.acquire(first)
+    order: list[str] = []
+    hold = asyncio.Event()
+    hold.set()
+    tasks = []
+    for name, prio in (("leaf1", 10), ("leaf2", 10), ("batch", 60), ("description", 90)):
+        tasks.append(asyncio.create_task(_start(slots, WorkClass("w", prio), order, name, hold)))
+        await asyncio.sleep(0)
+    slots.release(first)
+    await asyncio.gather(*tasks)
+    assert order == ["description", "batch", "leaf1", "leaf2"]
+
+
+async def test_a_cancelled_waiter_leaves_no_trace() -> None:
+    slots = FairSlots(1)
+    holder = WorkClass("w", 0)
+    await slots.acquire(holder)
+    waiter = asyncio.create_task(slots.acquire(WorkClass("w", 5)))
+    await asyncio.sleep(0)
+    waiter.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiter
+    assert slots.waiting == 0
+    slots.release(holder)
+    assert slots.in_use == 0
+    assert await slots.acquire(WorkClass("x", 0)) == WorkClass("x", 0)
+
+
+async def test_the_current_work_class_travels_in_the_context() -> None:
+    slots = FairSlots(1)
+    with working_as(WorkClass("world-7", 42)):
+        assert CURRENT.get() == WorkClass("world-7", 42)
+        assert await slots.acquire() == WorkClass("world-7", 42)
+    assert CURRENT.get().world == ""
+
+
+def test_queue_pops_fair_by_running_world_then_priority_then_arrival() -> None:
+    q: FairQueue[str] = FairQueue()
+    for name, world, prio in (("b-img1", "big", 10), ("b-img2", "big", 10), ("b-post", "big", 50),
+                              ("s-desc", "small", 90), ("s-img", "small", 10)):
+        q.push(name, WorkClass(world, prio))
+    running: Counter[str] = Counter({"big": 5})
+    popped = q.pop(running)
+    assert popped == ("s-desc", WorkClass("small", 90))
+    running["small"] += 1
+    assert q.pop(running)[0] == "s-img"  # small still has fewer running (1 < 5)
+    running["small"] += 1
+    assert [q.pop(running)[0] for _ in range(3)] == ["b-post", "b-img1", "b-img2"]  # type: ignore[index]
+    assert q.pop(running) is None and len(q) == 0
+
+
+def test_queue_with_equal_running_serves_the_highest_priority_head() -> None:
+    q: FairQueue[str] = FairQueue()
+    q.push("a-leaf", WorkClass("a", 10))
+    q.push("b-batch", WorkClass("b", 60))
+    assert q.pop(Counter())[0] == "b-batch"  # type: ignore[index]
+
+
+def test_queue_remove_if() -> None:
+    q: FairQueue[int] = FairQueue()
+    for i in range(10):
+        q.push(i, WorkClass(f"w{i % 3}", i))
+    removed = q.remove_if(lambda i: i % 2 == 0)
+    assert sorted(removed) == [0, 2, 4, 6, 8] and len(q) == 5
+    out = []
+    while (item := q.pop(Counter())) is not None:
+        out.append(item[0])
+    assert sorted(out) == [1, 3, 5, 7, 9]
