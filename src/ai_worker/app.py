@@ -28,7 +28,7 @@ from ai_worker.providers.breaker import BreakerBoard
 from ai_worker.providers.budget import MongoBudget
 from ai_worker.providers.history import MongoRecorder
 from ai_worker.providers.ratelimit import MongoRateLimiter
-from ai_worker.providers.routing import ModelRouter, concurrency
+from ai_worker.providers.routing import ModelRouter, provider_slots
 from ai_worker.tasks.engine import Engine
 from ai_worker.tasks.progress import WorldProgress
 from ai_worker.tasks.reconciler import Reconciler
@@ -84,10 +84,14 @@ async def run_worker(settings: Settings, stop: asyncio.Event | None = None) -> N
     await producer.start()
     platform = PlatformClients.from_settings(settings, recorder)
     budget = MongoBudget(db, daily_cap_usd=settings.daily_budget_usd)
+    slots = provider_slots(settings)
+    task_slots = settings.task_slots(slots.llm + slots.image)
+    log.info("slots", llm=slots.llm, image=slots.image, explicit=sorted(slots.explicit), tasks=task_slots,
+             window=settings.window(task_slots))
     breakers = BreakerBoard(failure_threshold=settings.breaker_failure_threshold,
                             cooldown_s=settings.breaker_cooldown_s)
     router = ModelRouter(settings.models, limiter=MongoRateLimiter(db, max_wait_s=settings.rate_limit_max_wait_s),
-                         breakers=breakers, concurrency=concurrency(settings))
+                         breakers=breakers, concurrency=slots)
     llm = LLMClient.from_settings(settings, recorder, budget, router)
     images = ImageService.from_settings(settings, recorder, budget, router)
     prompts = PromptLibrary()
@@ -98,7 +102,7 @@ async def run_worker(settings: Settings, stop: asyncio.Event | None = None) -> N
         enhance=PromptEnhancer(llm, prompts, enabled=True) if settings.image_prompt_enhance else None,
     )
     policy = RetryPolicy(base_delay_s=settings.retry_base_delay_s, max_delay_s=settings.retry_max_delay_s)
-    registry = build_registry(max_attempts=settings.task_max_attempts)
+    registry = build_registry(max_attempts=settings.task_max_attempts, timeouts_s=settings.task_timeouts_s)
     budget_usd = settings.world_budget_usd
     progress = WorldProgress(status, registry, tasks=store, accounting=recorder,
                              default_budget=lambda _plan: budget_usd)
@@ -106,7 +110,8 @@ async def run_worker(settings: Settings, stop: asyncio.Event | None = None) -> N
                     publisher=producer, worker_id=settings.worker_id, lease_s=settings.task_lease_s, policy=policy)
     consumer = TaskConsumer(
         bootstrap=settings.kafka_bootstrap, topic=settings.kafka_topic_tasks, group_id=settings.kafka_group_id,
-        handler=engine.handle, producer=producer, max_in_flight=settings.max_concurrent_tasks,
+        handler=engine.handle, producer=producer, max_in_flight=task_slots, window=settings.window(task_slots),
+        classify=engine.work_class,
         drain_timeout_s=settings.shutdown_grace_s, session_timeout_ms=settings.kafka_session_timeout_ms,
         heartbeat_interval_ms=settings.kafka_heartbeat_interval_ms, client_id=settings.worker_id,
     )

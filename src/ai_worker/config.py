@@ -63,7 +63,7 @@ class Settings(BaseSettings):
     llm_model_overrides: dict[str, str] = Field(default_factory=dict, alias="LLM_MODEL_OVERRIDES")
     llm_timeout_s: float = Field(120.0, alias="LLM_TIMEOUT_S", gt=0)
     llm_max_tokens: int = Field(8000, alias="LLM_MAX_TOKENS", gt=0)
-    max_concurrent_llm_requests: int = Field(8, alias="MAX_CONCURRENT_LLM_REQUESTS", ge=1)
+    max_concurrent_llm_requests: int | None = Field(None, alias="MAX_CONCURRENT_LLM_REQUESTS", ge=1)
 
     # --- budgets (reserved before every paid call) --------------------------------------------------
     world_budget_usd: float = Field(25.0, alias="WORLD_BUDGET_USD", ge=0)
@@ -80,7 +80,7 @@ class Settings(BaseSettings):
     runware_base_url: str | None = Field(None, alias="RUNWARE_BASE_URL")
     image_prompt_enhance: bool = Field(False, alias="IMAGE_PROMPT_ENHANCE")
     image_timeout_s: float = Field(180.0, alias="IMAGE_TIMEOUT_S", gt=0)
-    max_concurrent_image_requests: int = Field(4, alias="MAX_CONCURRENT_IMAGE_REQUESTS", ge=1)
+    max_concurrent_image_requests: int | None = Field(None, alias="MAX_CONCURRENT_IMAGE_REQUESTS", ge=1)
     upload_timeout_s: float = Field(60.0, alias="UPLOAD_TIMEOUT_S", gt=0)
     provider_max_retries: int = Field(3, alias="PROVIDER_MAX_RETRIES", ge=0, le=20)
     provider_retry_base_s: float = Field(0.5, alias="PROVIDER_RETRY_BASE_S", ge=0)
@@ -101,12 +101,14 @@ class Settings(BaseSettings):
     consul_cache_s: float = Field(30.0, alias="CONSUL_CACHE_S", ge=0)
 
     # --- engine --------------------------------------------------------------------------------
-    max_concurrent_tasks: int = Field(16, alias="MAX_CONCURRENT_TASKS", ge=1)
+    max_concurrent_tasks: int | None = Field(None, alias="MAX_CONCURRENT_TASKS", ge=1)
+    scheduler_window: int | None = Field(None, alias="SCHEDULER_WINDOW", ge=1)
     task_lease_s: float = Field(120.0, alias="TASK_LEASE_S", gt=1)
     shutdown_grace_s: float = Field(30.0, alias="SHUTDOWN_GRACE_S", ge=0)
     retry_base_delay_s: float = Field(2.0, alias="RETRY_BASE_DELAY_S", ge=0)
     retry_max_delay_s: float = Field(60.0, alias="RETRY_MAX_DELAY_S", ge=0)
     task_max_attempts: dict[str, int] = Field(default_factory=dict, alias="TASK_MAX_ATTEMPTS")
+    task_timeouts_s: dict[str, float] = Field(default_factory=dict, alias="TASK_TIMEOUTS_S")
     reconcile_interval_s: float = Field(10.0, alias="RECONCILE_INTERVAL_S", gt=0)
 
     # --- accepted for compatibility with the worker we replace (see README) ---------------------
@@ -147,6 +149,16 @@ class Settings(BaseSettings):
                               price_per_image=self.image_price_usd, max_tokens=self.llm_max_tokens),
         )
 
+    def task_slots(self, provider_slots: int) -> int:
+        """Tasks handled at once by one process: MAX_CONCURRENT_TASKS, or derived from the provider slots
+        (twice as many tasks as provider slots, plus room for the tasks that only call the platform), so a
+        task waiting for a provider never leaves a provider slot idle."""
+        return self.max_concurrent_tasks or 2 * provider_slots + 8
+
+    def window(self, task_slots: int) -> int:
+        """Events one process buffers for its scheduler (SCHEDULER_WINDOW, default max(1000, 8 x task slots))."""
+        return max(task_slots, self.scheduler_window or max(1000, 8 * task_slots))
+
     def model_for(self, step: str) -> str:
         """The id of the model that serves `step` first."""
         return self.models.primary(step).id
@@ -162,6 +174,14 @@ class Settings(BaseSettings):
                 "missing API key(s):\n  " + "\n  ".join(missing)
                 + "\n(images can also use IMAGE_PROVIDER=offline)"
             )
+        from ai_worker.jobs import build_registry  # the jobs need the settings module: import late
+
+        for name, overrides in (("TASK_MAX_ATTEMPTS", {"max_attempts": self.task_max_attempts}),
+                                ("TASK_TIMEOUTS_S", {"timeouts_s": self.task_timeouts_s})):
+            try:
+                build_registry(**overrides)
+            except ValueError as exc:
+                raise ConfigError(f"invalid configuration:\n  {name}: {exc}") from None
 
 
 def load_settings(*, check: bool = True, **overrides: object) -> Settings:

@@ -11,6 +11,7 @@ from pydantic import AliasChoices
 
 from ai_worker.config import OPENROUTER_BASE_URL, ConfigError, Settings, load_settings
 from ai_worker.providers.registry import LLM_STEPS
+from ai_worker.providers.routing import provider_slots
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -168,7 +169,11 @@ def test_defaults_with_minimal_env() -> None:
     s = load_settings()
     assert s.mongodb_uri == "mongodb://db:27017"
     assert s.kafka_bootstrap == ["kafka:9092"]
-    assert s.max_concurrent_tasks == 16
+    assert s.max_concurrent_tasks is None  # derived from the provider slots
+    slots = provider_slots(s)
+    assert (slots.llm, slots.image, slots.explicit) == (8, 4, frozenset())  # the registry's max_concurrent
+    assert s.task_slots(slots.llm + slots.image) == 2 * 12 + 8
+    assert s.window(32) == 1000
     assert s.llm_base_url == OPENROUTER_BASE_URL
     assert s.models.primary("post").openrouter_extras is True
     assert s.llm_model_overrides == {}
@@ -244,3 +249,23 @@ def test_empty_variables_mean_the_default(monkeypatch: pytest.MonkeyPatch) -> No
     s = load_settings()
     assert s.default_llm_model is None and s.image_provider is None
     assert s.model_for("post") == "google/gemini-2.5-flash"
+
+
+@pytest.mark.usefixtures("minimal_env")
+def test_explicit_provider_slots_win_over_the_registry(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MAX_CONCURRENT_LLM_REQUESTS", "15")
+    monkeypatch.setenv("MAX_CONCURRENT_IMAGE_REQUESTS", "10")
+    monkeypatch.setenv("MAX_CONCURRENT_TASKS", "64")
+    s = load_settings()
+    slots = provider_slots(s)
+    assert (slots.llm, slots.image, slots.explicit) == (15, 10, frozenset({"llm", "image"}))
+    assert s.task_slots(25) == 64
+
+
+@pytest.mark.usefixtures("minimal_env")
+@pytest.mark.parametrize("name", ["TASK_MAX_ATTEMPTS", "TASK_TIMEOUTS_S"])
+def test_policy_overrides_of_unknown_task_types_are_refused(monkeypatch: pytest.MonkeyPatch, name: str) -> None:
+    monkeypatch.setenv(name, json.dumps({"generate_pots": 3}))
+    with pytest.raises(ConfigError) as info:
+        load_settings()
+    assert name in str(info.value) and "generate_pots" in str(info.value)

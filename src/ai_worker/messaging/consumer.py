@@ -1,13 +1,22 @@
-"""The task consumer: one poll loop, a bounded pool of in-flight tasks, per-partition offset tracking.
+"""The task consumer: one poll loop, a bounded window of buffered events, a scheduler that picks what runs
+next, and per-partition offset tracking.
 
-- Commits only the lowest unfinished offset per partition (never a bare commit()).
-- Backpressure: at MAX_CONCURRENT_TASKS in flight every assigned partition is paused (the loop keeps
-  polling, so the group membership stays alive) and resumed when a slot frees; nothing is rejected.
-- A message that cannot be parsed, has an unknown event type, or names a missing task is sent to the
-  dead-letter topic with the reason in its headers, then committed. Nothing stops the loop.
-- On partitions revoked and on shutdown: stop dispatching, wait a bounded time, commit what finished; on
-  shutdown, what did not finish is cancelled (and awaited, so nothing runs on after the clients close) and
-  left uncommitted, to be redelivered.
+- Events are read into a window of at most `window` events (buffered + running); at the bound every
+  assigned partition is paused (the loop keeps polling, so the group membership stays alive) and resumed
+  when there is room again; nothing is rejected.
+- At most `max_running` events are handled at once. When a slot frees, the next event is chosen by the
+  scheduling policy (`ai_worker.scheduling`): the world with the fewest running tasks first (a world
+  started while others run gets its share promptly), then the job's priority (work that unlocks more work
+  first), then arrival order. The event's `world_id` and `task_type` are used as hints for this; the task
+  document stays the truth.
+- Commits only the lowest unfinished offset per partition (never a bare commit()): a buffered event is
+  unfinished until it has been handled.
+- A message that cannot be parsed, has an unknown event type, or names a missing or malformed task is sent
+  to the dead-letter topic with the reason in its headers, then committed. Nothing stops the loop.
+- On partitions revoked and on shutdown: stop dispatching, drop what is buffered for those partitions (it
+  was not committed: the next owner reads it again), wait a bounded time for what runs, commit what
+  finished; on shutdown, what did not finish is cancelled (and awaited, so nothing runs on after the
+  clients close) and left uncommitted, to be redelivered.
 - Every line logged while a message is handled carries `kafka_partition` and `kafka_offset`, so a skip or a
   failure can be traced to the message that caused it."""
 
@@ -15,7 +24,10 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections import Counter
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import structlog
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, ConsumerRecord, TopicPartition
@@ -23,12 +35,27 @@ from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, ConsumerRecord
 from ai_worker.messaging.events import BadMessage, TaskEvent, parse_task_event
 from ai_worker.messaging.offsets import OffsetTracker
 from ai_worker.messaging.producer import EventProducer
+from ai_worker.scheduling import FairQueue, WorkClass
 
 log = structlog.get_logger(__name__)
 
 Handler = Callable[[TaskEvent], Awaitable[None]]
+Classifier = Callable[[TaskEvent], WorkClass]
+Record = ConsumerRecord  # ConsumerRecord[bytes, bytes]
 COMMIT_INTERVAL_S = 0.5
 CANCEL_WAIT_S = 2.0
+
+
+def _by_task(event: TaskEvent) -> WorkClass:
+    return WorkClass(world=event.world_id or event.task_id, priority=0)
+
+
+@dataclass
+class _Item:
+    tp: TopicPartition
+    msg: Any  # ConsumerRecord
+    event: TaskEvent | None  # None: the message is not a valid event (dead-lettered when it runs)
+    reason: str | None = None
 
 
 class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
@@ -53,19 +80,28 @@ class TaskConsumer:
         producer: EventProducer,
         max_in_flight: int,
         drain_timeout_s: float,
+        window: int | None = None,
+        classify: Classifier = _by_task,
         session_timeout_ms: int = 10000,
         heartbeat_interval_ms: int = 3000,
         client_id: str = "ai-worker",
+        client_options: Mapping[str, Any] | None = None,
     ) -> None:
         self.topic = topic
         self._handler = handler
         self._producer = producer
-        self._max_in_flight = max_in_flight
+        self._max_running = max_in_flight
+        self._window = max(window or 0, max_in_flight)
+        self._classify = classify
         self._drain_timeout_s = drain_timeout_s
         self._tracker = OffsetTracker()
-        self._tasks: dict[TopicPartition, set[asyncio.Task[None]]] = {}
+        self._queue: FairQueue[_Item] = FairQueue()
+        self._running: dict[TopicPartition, set[asyncio.Task[None]]] = {}
+        self._running_by_world: Counter[str] = Counter()
+        self._dispatching = True
         self._paused = False
         self._last_commit = 0.0
+        self.last_poll = 0.0
         self.processed = 0
         self.dead_lettered = 0
         self._consumer = AIOKafkaConsumer(
@@ -78,6 +114,7 @@ class TaskConsumer:
             heartbeat_interval_ms=heartbeat_interval_ms,
             fetch_max_wait_ms=100,
             max_partition_fetch_bytes=2 * 1024 * 1024,
+            **dict(client_options or {}),
         )
 
     # --- lifecycle ------------------------------------------------------------------------------------
@@ -88,28 +125,40 @@ class TaskConsumer:
     async def stop(self) -> None:
         await self._consumer.stop()
 
+    def assignment(self) -> set[TopicPartition]:
+        return set(self._consumer.assignment())
+
     def in_flight(self) -> int:
-        return sum(len(s) for s in self._tasks.values())
+        """Events handled right now."""
+        return sum(len(s) for s in self._running.values())
+
+    def buffered(self) -> int:
+        """Events read and waiting for a slot."""
+        return len(self._queue)
 
     async def run(self, stop: asyncio.Event) -> None:
         """Poll until `stop` is set, then drain (bounded) and commit what finished."""
-        log.info("consumer running", topic=self.topic, max_in_flight=self._max_in_flight)
+        log.info("consumer running", topic=self.topic, max_running=self._max_running, window=self._window)
         try:
             while not stop.is_set():
                 self._apply_backpressure()
-                free = max(1, self._max_in_flight - self.in_flight())
-                batch = await self._consumer.getmany(timeout_ms=200, max_records=free)
+                room = max(1, self._window - self.in_flight() - self.buffered())
+                batch = await self._consumer.getmany(timeout_ms=200, max_records=room)
+                self.last_poll = time.monotonic()
                 for tp, messages in batch.items():
                     for msg in messages:
-                        self._dispatch(tp, msg)
+                        self._accept(tp, msg)
+                self._fill()
                 await self._commit(force=False)
         finally:
-            await self._drain(list(self._tasks), "shutdown")
+            self._dispatching = False
+            self._drop_buffered(None)
+            await self._drain(list(self._running), "shutdown")
             await self._cancel_unfinished()
 
     async def _cancel_unfinished(self) -> None:
         """Cancel the tasks the drain left behind and wait (briefly) until they have unwound."""
-        leftover = [t for tasks in self._tasks.values() for t in tasks if not t.done()]
+        leftover = [t for tasks in self._running.values() for t in tasks if not t.done()]
         if not leftover:
             return
         for task in leftover:
@@ -118,39 +167,73 @@ class TaskConsumer:
         if still:
             log.warning("in-flight tasks did not stop after cancellation", unfinished=len(still))
 
-    # --- dispatch -----------------------------------------------------------------------------------------
+    # --- the window and the scheduler ---------------------------------------------------------------------
     def _apply_backpressure(self) -> None:
-        full = self.in_flight() >= self._max_in_flight
+        full = self.in_flight() + self.buffered() >= self._window
         if full and not self._paused:
             assigned = list(self._consumer.assignment())
             if assigned:
                 self._consumer.pause(*assigned)
                 self._paused = True
-                log.debug("paused: in-flight bound reached", in_flight=self.in_flight())
+                log.debug("paused: window full", running=self.in_flight(), buffered=self.buffered())
         elif not full and self._paused:
             paused = list(self._consumer.paused())
             if paused:
                 self._consumer.resume(*paused)
             self._paused = False
 
-    def _dispatch(self, tp: TopicPartition, msg: ConsumerRecord[bytes, bytes]) -> None:
+    def _accept(self, tp: TopicPartition, msg: Any) -> None:
+        """Track the message and buffer it for the scheduler (an unusable one is dead-lettered at once)."""
         self._tracker.add(tp, msg.offset)
-        task = asyncio.create_task(self._process(tp, msg))
-        self._tasks.setdefault(tp, set()).add(task)
+        try:
+            event = parse_task_event(msg.value)
+        except BadMessage as exc:
+            self._start(_Item(tp, msg, None, exc.reason), WorkClass(world="", priority=1_000_000))
+            return
+        self._queue.push(_Item(tp, msg, event), self._classify(event))
+
+    def _fill(self) -> None:
+        while self._dispatching and self.in_flight() < self._max_running:
+            picked = self._queue.pop(self._running_by_world)
+            if picked is None:
+                return
+            item, work = picked
+            self._start(item, work)
+
+    def _start(self, item: _Item, work: WorkClass) -> None:
+        task = asyncio.create_task(self._process(item))
+        self._running.setdefault(item.tp, set()).add(task)
+        self._running_by_world[work.world] += 1
 
         def done(t: asyncio.Task[None]) -> None:
-            self._tasks.get(tp, set()).discard(t)
-            self._tracker.done(tp, msg.offset)
+            self._running.get(item.tp, set()).discard(t)
+            self._running_by_world[work.world] -= 1
+            if self._running_by_world[work.world] <= 0:
+                del self._running_by_world[work.world]
+            self._tracker.done(item.tp, item.msg.offset)
+            self._fill()
 
         task.add_done_callback(done)
 
-    async def _process(self, tp: TopicPartition, msg: ConsumerRecord[bytes, bytes]) -> None:
+    def _drop_buffered(self, tps: Sequence[TopicPartition] | None) -> None:
+        """Forget buffered events (of `tps`, or all). They stay unfinished in the offset tracker, so no commit
+        passes them: they will be read again (by this worker after a restart, or by the partition's next
+        owner)."""
+        wanted = None if tps is None else set(tps)
+        dropped = self._queue.remove_if(lambda item: wanted is None or item.tp in wanted)
+        if dropped:
+            log.info("buffered events dropped, to be read again", count=len(dropped))
+
+    # --- handling one message -------------------------------------------------------------------------------
+    async def _process(self, item: _Item) -> None:
+        tp, msg = item.tp, item.msg
         # Each message runs in its own asyncio task (its own contextvars copy): bind where it came from.
         structlog.contextvars.bind_contextvars(kafka_partition=tp.partition, kafka_offset=msg.offset)
         where = {"partition": tp.partition, "offset": msg.offset}
         try:
-            event = parse_task_event(msg.value)
-            await self._handler(event)
+            if item.event is None:
+                raise BadMessage(item.reason or "not a task event")
+            await self._handler(item.event)
             self.processed += 1
         except BadMessage as exc:
             log.warning("message dead-lettered", reason=exc.reason, **where)
@@ -163,7 +246,7 @@ class TaskConsumer:
             log.error("message handling failed; left to the reconciler", error=str(exc),
                       error_type=type(exc).__name__, **where)
 
-    async def _dead_letter(self, tp: TopicPartition, msg: ConsumerRecord[bytes, bytes], reason: str) -> None:
+    async def _dead_letter(self, tp: TopicPartition, msg: Any, reason: str) -> None:
         try:
             await self._producer.send_dead_letter(
                 value=msg.value, key=msg.key, headers=list(msg.headers or ()), reason=reason,
@@ -190,7 +273,7 @@ class TaskConsumer:
             log.warning("commit failed; will retry", error=str(exc), error_type=type(exc).__name__)
 
     async def _drain(self, tps: list[TopicPartition], why: str) -> None:
-        pending = [t for tp in tps for t in self._tasks.get(tp, set())]
+        pending = [t for tp in tps for t in self._running.get(tp, set())]
         if pending:
             log.info("draining in-flight tasks", why=why, in_flight=len(pending),
                      timeout_s=self._drain_timeout_s)
@@ -203,6 +286,7 @@ class TaskConsumer:
         if not revoked:
             return
         log.info("partitions revoked", partitions=sorted(f"{tp.topic}:{tp.partition}" for tp in revoked))
+        self._drop_buffered(revoked)
         await self._drain(revoked, "revoke")
         self._tracker.forget(revoked)
         self._paused = False

@@ -17,7 +17,6 @@ that was a fallback.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
@@ -28,8 +27,9 @@ import structlog
 from ai_worker.errors import ProviderTimeout, ProviderUnavailable, RateLimited
 from ai_worker.providers.breaker import BreakerBoard
 from ai_worker.providers.ratelimit import NoRateLimit, Permit, RateLimiter
-from ai_worker.providers.registry import ModelKind, ModelRegistry, ResolvedModel
+from ai_worker.providers.registry import IMAGE_STEPS, LLM_STEPS, ModelKind, ModelRegistry, ResolvedModel
 from ai_worker.providers.retrying import RETRYABLE_IN_CALL
+from ai_worker.scheduling import FairSlots
 
 if TYPE_CHECKING:
     from ai_worker.config import Settings
@@ -42,9 +42,46 @@ log = structlog.get_logger(__name__)
 MODEL_FAILURES: tuple[type[BaseException], ...] = (ProviderUnavailable, ProviderTimeout)
 
 
-def concurrency(settings: Settings) -> dict[ModelKind, int]:
-    """Requests in flight per kind in one process (MAX_CONCURRENT_LLM_REQUESTS / _IMAGE_REQUESTS)."""
-    return {"llm": settings.max_concurrent_llm_requests, "image": settings.max_concurrent_image_requests}
+DEFAULT_SLOTS: dict[ModelKind, int] = {"llm": 8, "image": 4}
+
+
+@dataclass(frozen=True)
+class ProviderSlots:
+    """Provider requests in flight per kind in one worker process, and which kinds were set explicitly.
+
+    Precedence (the environment wins over the file, as everywhere else): MAX_CONCURRENT_LLM_REQUESTS /
+    MAX_CONCURRENT_IMAGE_REQUESTS, when set, are the process's slots for that kind and replace the
+    registry's per-model `max_concurrent` of that kind; when unset, the slots of a kind are the largest
+    `max_concurrent` among the models its steps use (primaries and fallbacks), each model still held to its
+    own (default 8 for LLM, 4 for images when no model sets one)."""
+
+    llm: int
+    image: int
+    explicit: frozenset[ModelKind] = frozenset()
+
+    def of(self, kind: ModelKind) -> int:
+        return self.llm if kind == "llm" else self.image
+
+    def as_mapping(self) -> dict[ModelKind, int]:
+        return {"llm": self.llm, "image": self.image}
+
+
+def provider_slots(settings: Settings) -> ProviderSlots:
+    registry = settings.models
+
+    def from_registry(kind: ModelKind, steps: tuple[str, ...]) -> int:
+        caps = [m.max_concurrent for step in steps for m in registry.chain(step, kind) if m.max_concurrent]
+        return max(caps) if caps else DEFAULT_SLOTS[kind]
+
+    llm, image = settings.max_concurrent_llm_requests, settings.max_concurrent_image_requests
+    explicit = frozenset(k for k, v in (("llm", llm), ("image", image)) if v)
+    return ProviderSlots(llm=llm or from_registry("llm", LLM_STEPS), image=image or from_registry("image", IMAGE_STEPS),
+                         explicit=explicit)  # type: ignore[arg-type]
+
+
+def concurrency(settings: Settings) -> ProviderSlots:
+    """The effective provider slots of `settings` (see ProviderSlots)."""
+    return provider_slots(settings)
 
 
 @dataclass(frozen=True)
@@ -64,16 +101,22 @@ class ModelRouter:
         *,
         limiter: RateLimiter | None = None,
         breakers: BreakerBoard | None = None,
-        concurrency: Mapping[ModelKind, int] | None = None,
+        concurrency: Mapping[ModelKind, int] | ProviderSlots | None = None,
     ) -> None:
         self.registry = registry
         self.limiter: RateLimiter = limiter if limiter is not None else NoRateLimit()
         self.breakers = breakers if breakers is not None else BreakerBoard()
-        self._semaphores: dict[str, asyncio.Semaphore] = {}
-        limits = {"llm": 8, "image": 4, **(concurrency or {})}
+        self._model_slots: dict[str, FairSlots] = {}
+        if isinstance(concurrency, ProviderSlots):
+            limits: dict[ModelKind, int] = concurrency.as_mapping()
+            self._explicit: frozenset[ModelKind] = concurrency.explicit
+        else:
+            limits = {**DEFAULT_SLOTS, **(concurrency or {})}
+            self._explicit = frozenset()
         if min(limits.values()) < 1:
             raise ValueError("concurrency limits must be at least 1")
-        self._kind_semaphores = {kind: asyncio.Semaphore(n) for kind, n in limits.items()}
+        # Slots are handed out fair by world, then by the job's priority (ai_worker.scheduling).
+        self.slots: dict[ModelKind, FairSlots] = {kind: FairSlots(n, f"{kind} slots") for kind, n in limits.items()}
 
     def chain(self, step: str, kind: ModelKind) -> list[ResolvedModel]:
         return self.registry.chain(step, kind)
@@ -94,12 +137,13 @@ class ModelRouter:
             f"next probe in {wait:.1f}s")
 
     def _semaphore(self, model: ResolvedModel) -> contextlib.AbstractAsyncContextManager[Any]:
-        if not model.max_concurrent:
+        """The model's own `max_concurrent`, unless an explicit MAX_CONCURRENT_* setting replaces it."""
+        if not model.max_concurrent or model.kind in self._explicit:
             return contextlib.nullcontext()
-        sem = self._semaphores.get(model.id)
-        if sem is None:
-            sem = self._semaphores[model.id] = asyncio.Semaphore(model.max_concurrent)
-        return sem
+        slots = self._model_slots.get(model.id)
+        if slots is None:
+            slots = self._model_slots[model.id] = FairSlots(model.max_concurrent, model.id)
+        return slots.slot()
 
     async def attempt(
         self,
@@ -131,7 +175,7 @@ class ModelRouter:
         breaker = self.breakers.get(model.provider, model.name)
         verdict: bool | None = None
         try:
-            async with self._kind_semaphores[model.kind], self._semaphore(model):
+            async with self.slots[model.kind].slot(), self._semaphore(model):
                 permit = await self.limiter.acquire(model.id, model.limits, tokens)
                 actual = 0
                 try:

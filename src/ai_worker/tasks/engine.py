@@ -25,6 +25,7 @@ from ai_worker.errors import BudgetExceeded, InvalidParameters, UnknownTaskType,
 from ai_worker.messaging.events import BadMessage, EventType, TaskEvent, utcnow
 from ai_worker.mongo import Document
 from ai_worker.observability.logging import task_log_context
+from ai_worker.scheduling import WorkClass, working_as
 from ai_worker.tasks.context import ContextFactory, LeaseLost, TaskContext
 from ai_worker.tasks.model import TERMINAL_VALUES, InvalidTaskDocument, TaskDoc, TaskStatus, parse_task
 from ai_worker.tasks.progress import WorldProgress, WorldState
@@ -70,6 +71,13 @@ class Engine:
         self._worlds: OrderedDict[str, tuple[float, str, str | None]] = OrderedDict()
 
     # --- entry point from the consumer ------------------------------------------------------------
+    def work_class(self, event: TaskEvent) -> WorkClass:
+        """How the scheduler sees an event before its task is read: its world and its job's priority
+        (from the event's hints; the task document stays the truth)."""
+        task_type = event.task_type or ""
+        priority = self.registry.policy(task_type).priority if self.registry.knows(task_type) else 0
+        return WorkClass(world=event.world_id or event.task_id, priority=priority)
+
     async def handle(self, event: TaskEvent) -> None:
         """Process one event. Raises BadMessage for events that belong in the dead-letter topic."""
         if event.event_type == EventType.TASK_UPDATED:
@@ -170,8 +178,9 @@ class Engine:
         ctx = self._new_context(task=task, worker_id=self.worker_id, max_attempts=policy.max_attempts,
                                 steps=self.store, is_cancelled=lost.is_set)
         try:
-            async with asyncio.timeout(policy.timeout_s):
-                result = await job.run(ctx, params)
+            with working_as(WorkClass(world=task.world_id, priority=policy.priority)):
+                async with asyncio.timeout(policy.timeout_s):
+                    result = await job.run(ctx, params)
         except asyncio.CancelledError:
             log.warning("task interrupted; its lease will expire and it will be re-run")
             raise
