@@ -67,12 +67,15 @@ async def _read(consumer: AIOKafkaConsumer, dlq_topic: str, group_id: str | None
     if not tps:
         return out
     consumer.assign(tps)
+    from_start = []
     for tp in tps:
         committed = await consumer.committed(tp) if group_id else None
         if committed is None:
-            await consumer.seek_to_beginning(tp)
+            from_start.append(tp)
         else:
             consumer.seek(tp, committed)
+    if from_start:  # one call for all: each call waits a fetch round, so one per partition took seconds
+        await consumer.seek_to_beginning(*from_start)
     idle_polls = 0
     while len(out) < limit and idle_polls * 0.5 < idle_s:
         batch = await consumer.getmany(timeout_ms=500, max_records=limit - len(out))
