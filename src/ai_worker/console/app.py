@@ -337,7 +337,7 @@ async def worlds_live(request: web.Request) -> web.Response:
     return _live({"worlds": _render_text(request, "_worlds_table.html", **ctx)}, ctx["done"])
 
 
-WORLD_PARTS = {"status": "_world_status.html", "progress": "_world_progress.html",
+WORLD_PARTS = {"hero": "_world_hero.html", "about": "_world_about.html", "progress": "_world_progress.html",
                "characters": "_characters.html", "posts": "_posts.html", "failed": "_failed.html"}
 
 
@@ -360,12 +360,12 @@ async def _world_context(request: web.Request, *, full: bool) -> dict[str, Any]:
         "characters": await data.characters(db, world_id, page=cpage, per_page=CHARACTERS_PER_PAGE),
         "posts": await data.posts(db, world_id, page=page, per_page=POSTS_PER_PAGE),
         "failed": failed, "failed_total": failed_total,
+        "text": await data.world_text(db, world_id),
         "page": page, "cpage": cpage,
         "base_url": f"/worlds/{path_segment(world_id)}",
         "live_url": f"/worlds/{path_segment(world_id)}/live?{urlencode(query)}",
     }
     if full:
-        ctx["text"] = await data.world_text(db, world_id)
         ctx["costs"] = await data.cost_by_model(db, world_id)
         ctx["task_counts"] = await data.task_counts(db, world_id)
     return ctx
@@ -492,11 +492,12 @@ async def replay_action(request: web.Request) -> web.StreamResponse:
 # --- login -------------------------------------------------------------------------------------------
 
 
-def _login_form(request: web.Request, *, status: int = 200, error: str | None = None) -> web.Response:
+def _login_form(request: web.Request, *, status: int = 200, error: str | None = None,
+                next_url: str | None = None) -> web.Response:
     auth = _state(request).auth
     token, fresh = auth.login_token(request)
     response = _render(request, "login.html", http_status=status, login_csrf=token, error=error,
-                       next_url=_safe_next(request.query.get("next")))
+                       next_url=_safe_next(next_url or request.query.get("next")))
     if fresh and auth.enabled:
         auth.set_login_cookie(response, request, token)
     return response
@@ -513,10 +514,11 @@ async def login_action(request: web.Request) -> web.StreamResponse:
     form = await request.post()
     csrf, token, next_url = form.get("csrf"), form.get("token"), form.get("next")
     if not same_origin(request) or not isinstance(csrf, str) or not auth.check_login_csrf(request, csrf):
-        return _login_form(request, status=403, error="The form expired. Please try again.")
+        return _login_form(request, status=403, error="The form expired. Please try again.",
+                           next_url=_safe_next(next_url))
     if not isinstance(token, str) or not auth.check_token(token):
         await asyncio.sleep(0.5)  # slows down guessing
-        return _login_form(request, status=403, error="Wrong token.")
+        return _login_form(request, status=403, error="Wrong token.", next_url=_safe_next(next_url))
     target = _safe_next(next_url)
     response = _redirect(target + ("&" if "?" in target else "?") + "done=login")
     auth.set_session(response, request)
