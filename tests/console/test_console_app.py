@@ -93,7 +93,7 @@ async def test_world_page_shows_content_progress_failures_and_costs(console_db: 
 
     live = await (await client.get(f"/worlds/{world.world_id}/live?page=1&cpage=1")).json()
     assert live["done"] is False
-    assert set(live["parts"]) == {"status", "progress", "characters", "posts", "failed"}
+    assert set(live["parts"]) == {"hero", "about", "progress", "characters", "posts", "failed"}
     assert "invalid_output" in live["parts"]["failed"]
 
     assert (await client.get("/worlds/no-such-world")).status == 404
