@@ -255,8 +255,10 @@ def _message(request: web.Request, status: int, title: str, text: str) -> web.Re
     return _render(request, "message.html", http_status=status, title=title, text=text)
 
 
-def _live(parts: Mapping[str, str], done: bool) -> web.Response:
-    return web.json_response({"parts": dict(parts), "done": done}, headers={"Cache-Control": "no-store"})
+def _live(parts: Mapping[str, str], done: bool, version: str | None = None) -> web.Response:
+    """A live answer: fresh fragments by part name, whether polling can stop, the version they show."""
+    return web.json_response({"parts": dict(parts), "done": done, "version": version},
+                             headers={"Cache-Control": "no-store"})
 
 
 def _redirect(location: str) -> web.Response:
@@ -281,7 +283,10 @@ async def _authorize(request: web.Request) -> Mapping[str, str]:
 
 
 def _safe_next(value: Any) -> str:
-    if isinstance(value, str) and value.startswith("/") and not value.startswith("//") and "\\" not in value:
+    """A local path to go to after logging in; anything else (another site, `//host`, control characters that
+    browsers drop, backslashes) becomes the worlds page."""
+    if (isinstance(value, str) and value.startswith("/") and not value.startswith("//") and len(value) < 2048
+            and all(32 < ord(ch) < 127 and ch != "\\" for ch in value)):
         return value
     return "/worlds"
 
@@ -341,7 +346,7 @@ WORLD_PARTS = {"hero": "_world_hero.html", "about": "_world_about.html", "progre
                "characters": "_characters.html", "posts": "_posts.html", "failed": "_failed.html"}
 
 
-async def _world_context(request: web.Request, *, full: bool) -> dict[str, Any]:
+async def _find_world(request: web.Request) -> data.WorldSummary:
     db = _db(request)
     world_id = request.match_info["world_id"]
     world = await data.get_world(db, world_id)
@@ -350,12 +355,28 @@ async def _world_context(request: web.Request, *, full: bool) -> dict[str, Any]:
             raise Refused(404, "This world has been requested but no worker has picked it up yet. "
                                "Reload in a moment.")
         raise web.HTTPNotFound()
+    return world
+
+
+def _version(world: data.WorldSummary) -> str:
+    """Changes whenever the world does: its status document is refreshed after every task transition."""
+    stamp = world.updated_at.isoformat() if world.updated_at else ""
+    return (f"{stamp}|{world.status}|{world.tasks_total}|{world.tasks_completed}|{world.tasks_failed}|"
+            f"{world.users_created}|{world.posts_created}")
+
+
+async def _world_context(request: web.Request, world: data.WorldSummary, *, full: bool) -> dict[str, Any]:
+    db = _db(request)
+    world_id = world.id
     page = _int_param(request, "page")
     cpage = _int_param(request, "cpage")
     query = {"page": str(page), "cpage": str(cpage)}
-    failed, failed_total = await data.failed_tasks(db, world_id, limit=FAILED_SHOWN)
+    # tasks_failed counts failed and cancelled tasks: none means there is nothing to look for.
+    failed, failed_total = (await data.failed_tasks(db, world_id, limit=FAILED_SHOWN) if world.tasks_failed
+                            else ([], 0))
     ctx: dict[str, Any] = {
         "world": world,
+        "version": _version(world),
         "images": await data.world_images(db, world_id),
         "characters": await data.characters(db, world_id, page=cpage, per_page=CHARACTERS_PER_PAGE),
         "posts": await data.posts(db, world_id, page=page, per_page=POSTS_PER_PAGE),
@@ -372,15 +393,21 @@ async def _world_context(request: web.Request, *, full: bool) -> dict[str, Any]:
 
 
 async def world_page(request: web.Request) -> web.Response:
-    ctx = await _world_context(request, full=True)
+    ctx = await _world_context(request, await _find_world(request), full=True)
     return _render(request, "world.html", live_ms=LIVE_WORLD_MS, refresh_s=NOSCRIPT_REFRESH_S, **ctx)
 
 
 async def world_live(request: web.Request) -> web.Response:
-    ctx = await _world_context(request, full=False)
+    """The page's live fragments; nothing but the version when the world has not changed since `v` (one
+    small read instead of the page's queries, however large the world)."""
+    world = await _find_world(request)
+    version = _version(world)
+    if request.query.get("v") == version:
+        return _live({}, world.terminal, version)
+    ctx = await _world_context(request, world, full=False)
     viewer = _viewer(request)
     parts = {name: _render_text(request, template, viewer=viewer, **ctx) for name, template in WORLD_PARTS.items()}
-    return _live(parts, ctx["world"].terminal)
+    return _live(parts, world.terminal, version)
 
 
 async def cancel_action(request: web.Request) -> web.StreamResponse:
@@ -550,17 +577,24 @@ def create_app(config: ConsoleConfig, *, db: Database | None = None) -> web.Appl
     app = web.Application(middlewares=[_guard], client_max_size=64 * 1024)
     app[STATE] = state
 
+    async def indexes(db: Database) -> None:
+        try:
+            await data.ensure_indexes(db)
+        except Exception as exc:  # the pages still work (slower); each says so if the database is down
+            log.warning("console could not create its indexes", error_type=type(exc).__name__)
+
     async def connect(app: web.Application) -> AsyncIterator[None]:
         client: Client | None = None
         if state.db is None:
             client = AsyncMongoClient(config.mongo_uri, tz_aware=True, serverSelectionTimeoutMS=3000,
                                       appname="ai-worker-console")
             state.db = client[config.database]
-        try:
-            await asyncio.wait_for(data.ensure_indexes(state.db), timeout=10)
-        except Exception as exc:  # the pages still work (slower); each says so if the database is down
-            log.warning("console could not create its indexes", error_type=type(exc).__name__)
+        # In the background: building an index on a large collection must not hold back the first page.
+        building = asyncio.create_task(indexes(state.db))
         yield
+        building.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await building
         if client is not None:
             await client.close()
 

@@ -1,8 +1,10 @@
 /* ai-worker console: progressive enhancement only; every page works without this file.
  * - forms with data-confirm ask before they submit;
- * - a page whose <main> has data-live-url polls that URL (every data-live-ms, paused while the tab is
- *   hidden, backing off on errors) and swaps in the server-rendered fragments it returns for the
- *   elements marked data-live-part; it stops once the answer says done (the world has ended).
+ * - a page whose <main> has data-live-url polls that URL (every data-live-ms, or three times as long as
+ *   the last answer took when the server is slow; paused while the tab is hidden; backing off on errors)
+ *   and swaps in the server-rendered fragments it returns for the elements marked data-live-part; it
+ *   sends the version it shows (data-live-version) so an unchanged world costs one small read; it stops
+ *   once the answer says done (the world has ended).
  */
 (function () {
   "use strict";
@@ -19,6 +21,7 @@
     return;
   }
   var url = main.dataset.liveUrl;
+  var version = main.dataset.liveVersion || "";
   var every = Math.max(1000, parseInt(main.dataset.liveMs, 10) || 2000);
   var last = {};
   var timer = null;
@@ -46,7 +49,9 @@
       return; // resumed by visibilitychange
     }
     busy = true;
-    fetch(url, { headers: { Accept: "application/json" }, cache: "no-store", credentials: "same-origin" })
+    var started = Date.now();
+    var target = version ? url + (url.indexOf("?") < 0 ? "?" : "&") + "v=" + encodeURIComponent(version) : url;
+    fetch(target, { headers: { Accept: "application/json" }, cache: "no-store", credentials: "same-origin" })
       .then(function (response) {
         if (!response.ok) {
           throw new Error("HTTP " + response.status);
@@ -56,11 +61,14 @@
       .then(function (answer) {
         failures = 0;
         apply(answer.parts || {});
+        if (answer.version) {
+          version = answer.version;
+        }
         main.dataset.liveTicks = String((parseInt(main.dataset.liveTicks || "0", 10) || 0) + 1);
         if (answer.done) {
           main.dataset.liveDone = "true";
         } else {
-          schedule(every);
+          schedule(Math.max(every, 3 * (Date.now() - started)));
         }
       })
       .catch(function () {
