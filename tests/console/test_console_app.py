@@ -342,3 +342,36 @@ async def test_database_down_gives_a_page_not_a_traceback(make_console: MakeCons
     finally:
         await client.close()
         await dead.close()
+
+
+def test_login_only_redirects_inside_the_console() -> None:
+    from ai_worker.console.app import _safe_next
+
+    assert _safe_next("/worlds/abc?page=2") == "/worlds/abc?page=2"
+    for bad in ("//evil.example", "https://evil.example", "/\t/evil.example", "/\\evil.example", "evil", "",
+                None, "/\n/x"):
+        assert _safe_next(bad) == "/worlds", bad
+
+
+async def test_a_5000_post_world_is_paginated_and_cheap_to_follow(console_db: Database,
+                                                                   make_console: MakeConsole) -> None:
+    world = await seed_world(console_db, users=50, posts=5000, status="in_progress")
+    client = await make_console()
+    for url in (f"/worlds/{world.world_id}", f"/worlds/{world.world_id}?page=209",
+                f"/worlds/{world.world_id}/live?page=1&cpage=1"):
+        started = time.monotonic()
+        resp = await client.get(url)
+        assert resp.status == 200
+        assert time.monotonic() - started < 10, url  # the embedded database reads every match: not instant
+    assert "page 209 of 209" in await (await client.get(f"/worlds/{world.world_id}?page=209")).text()
+    live = await (await client.get(f"/worlds/{world.world_id}/live?page=1&cpage=1")).json()
+    assert live["parts"]["posts"].count('class="post-image"') == 24
+    assert live["parts"]["characters"].count('class="avatar"') == 50
+    # Polling an unchanged world costs one small read and sends nothing back.
+    started = time.monotonic()
+    same = await (await client.get(f"/worlds/{world.world_id}/live", params={"v": live["version"]})).json()
+    assert same == {"parts": {}, "done": False, "version": live["version"]}
+    assert time.monotonic() - started < 1
+    await console_db["world_generation_status"].update_one({"_id": world.world_id}, {"$inc": {"posts_created": 1}})
+    changed = await (await client.get(f"/worlds/{world.world_id}/live", params={"v": live["version"]})).json()
+    assert changed["parts"] and changed["version"] != live["version"]
