@@ -162,7 +162,7 @@ def test_script_caption_is_shown_as_text(browser: Any, seeded: dict[str, Any]) -
     # The world moves on: the next live refresh swaps the fragments in with innerHTML; still text.
     seeded["db"]["world_generation_status"].update_one({"_id": seeded["world"].world_id},
                                                        {"$inc": {"tasks_completed": 1}})
-    WebDriverWait(browser, 10).until(
+    WebDriverWait(browser, 15).until(
         lambda d: d.find_element("css selector", "[data-meter=tasks]").get_attribute("data-value") == "8")
     assert XSS_CAPTION in [e.text for e in browser.find_elements("css selector", ".post .caption")]
     assert browser.execute_script("return window.__xss === undefined")
@@ -199,13 +199,13 @@ def test_login_with_the_token_enables_cancel(browser: Any, seeded: dict[str, Any
     browser.get(f"{seeded['with_token']}/login?next=/worlds/{world_id}")
     browser.find_element("id", "token").send_keys("not the token")
     browser.find_element("css selector", "form.stack button[type=submit]").click()
-    WebDriverWait(browser, 5).until(lambda d: "Wrong token" in d.page_source)
+    WebDriverWait(browser, 15).until(lambda d: "Wrong token" in d.page_source)
     browser.find_element("id", "token").send_keys(TOKEN)
     browser.find_element("css selector", "form.stack button[type=submit]").click()
-    WebDriverWait(browser, 5).until(expected_conditions.url_contains(f"/worlds/{world_id}"))
+    WebDriverWait(browser, 15).until(expected_conditions.url_contains(f"/worlds/{world_id}"))
     assert not any(TOKEN in c["value"] for c in browser.get_cookies())
     assert all(c.get("httpOnly") for c in browser.get_cookies())
     browser.find_element("css selector", "button[data-action='cancel']").click()
-    WebDriverWait(browser, 5).until(expected_conditions.alert_is_present()).accept()  # data-confirm
-    WebDriverWait(browser, 10).until(lambda d: "World cancelled" in d.page_source)
+    WebDriverWait(browser, 15).until(expected_conditions.alert_is_present()).accept()  # data-confirm
+    WebDriverWait(browser, 15).until(lambda d: "World cancelled" in d.page_source)
     assert seeded["db"]["world_generation_status"].find_one({"_id": world_id})["status"] == "failed"
