@@ -1,4 +1,4 @@
-"""The command line: run, dev, send, status, cancel, dlq, models, platform."""
+"""The command line: run, dev, send, status, cancel, dlq, models, console, platform."""
 
 from __future__ import annotations
 
@@ -261,6 +261,43 @@ def models_stats(
     console.print(table)
     if not rows:
         console.print("no provider calls recorded" + (f" for world {world}" if world else " in that period"))
+
+
+@app.command("console")
+def console_command(
+    host: Annotated[str | None, typer.Option(help="Address to listen on (default: CONSOLE_HOST or 127.0.0.1)")] = None,
+    port: Annotated[int | None, typer.Option(min=0, max=65535, help="default: CONSOLE_PORT or 8082; 0 = any")] = None,
+    mongo: Annotated[str | None, typer.Option(help="MongoDB URI (default: MONGODB_URI or localhost)")] = None,
+    database: Annotated[str | None, typer.Option(help="default: MONGODB_DATABASE or generia_ai_worker")] = None,
+    kafka: Annotated[str | None, typer.Option(help="HOST:PORT for the dead-letter page (default: KAFKA_BROKERS; "
+                                                   "without it the page says Kafka is not configured)")] = None,
+) -> None:
+    """The web console: worlds with live progress, their characters and posts, models, dead letters.
+    Read-only unless CONSOLE_TOKEN is set (then actions need the token once, in a login form)."""
+    from ai_worker.console.app import ConsoleConfig, ConsoleServer, serve
+    from ai_worker.observability.logging import configure_logging
+
+    kafka = kafka or os.environ.get("KAFKA_BROKERS") or None
+    try:  # neither the database nor the broker is required to read the console's settings
+        settings = load_settings(check=False, MONGODB_URI=mongo or os.environ.get("MONGODB_URI") or DEFAULT_MONGO,
+                                 KAFKA_BROKERS=kafka or "unset")
+    except ConfigError as exc:
+        err_console.print(f"[bold red]configuration error[/]: {exc}")
+        raise typer.Exit(2) from None
+    configure_logging(settings.log_level)
+    config = ConsoleConfig.from_settings(settings, kafka_configured=kafka is not None, database=database,
+                                         host=host, port=port)
+
+    def ready(server: ConsoleServer) -> None:
+        mode = "actions need the token" if config.token else "read-only (set CONSOLE_TOKEN to enable actions)"
+        console.print(f"console: {server.url}  ({mode})", soft_wrap=True)
+        sys.stdout.flush()
+
+    try:
+        asyncio.run(serve(config, on_ready=ready))
+    except OSError as exc:
+        err_console.print(f"[bold red]could not start the console[/]: {exc}")
+        raise typer.Exit(1) from None
 
 
 @app.command()

@@ -111,6 +111,11 @@ class Settings(BaseSettings):
     task_timeouts_s: dict[str, float] = Field(default_factory=dict, alias="TASK_TIMEOUTS_S")
     reconcile_interval_s: float = Field(10.0, alias="RECONCILE_INTERVAL_S", gt=0)
 
+    # --- web console (`ai-worker console`) -----------------------------------------------------
+    console_host: str = Field("127.0.0.1", alias="CONSOLE_HOST")
+    console_port: int = Field(8082, alias="CONSOLE_PORT", ge=0, le=65535)
+    console_token: str | None = Field(None, alias="CONSOLE_TOKEN", repr=False)
+
     # --- accepted for compatibility with the worker we replace (see README) ---------------------
     minio_endpoint: str | None = Field(None, alias="MINIO_ENDPOINT")
     minio_access_key: str | None = Field(None, alias="MINIO_ACCESS_KEY", repr=False)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import os
 import shutil
 import signal
@@ -12,7 +13,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pymongo import AsyncMongoClient
 from rich.console import Console
@@ -22,6 +23,9 @@ from rich.table import Table
 from ai_worker.client import send_world
 from ai_worker.devstack.stack import EmbeddedStack, StackInfo
 from ai_worker.views import render_status
+
+if TYPE_CHECKING:
+    from ai_worker.console.app import ConsoleServer
 
 WORKER_DB = "generia_ai_worker"
 
@@ -105,6 +109,25 @@ async def _summary(info: StackInfo, world_id: str, status: dict[str, Any], conso
                   f"'db.getSiblingDB(\"{WORKER_DB}\").world_generation_status.findOne({{_id: \"{world_id}\"}})'")
 
 
+async def start_demo_console(info: StackInfo, console: Console) -> ConsoleServer | None:
+    """The web console on the stack, in this process: CONSOLE_PORT (8082) or, when that is taken, any free
+    port. The demo goes on without it if it cannot start."""
+    from ai_worker.console.app import ConsoleConfig, start_console
+
+    config = ConsoleConfig(mongo_uri=info.mongo_uri, database=WORKER_DB, kafka=(info.kafka_bootstrap,),
+                           tasks_topic=info.topics["tasks"], dlq_topic=info.topics["dlq"],
+                           token=os.environ.get("CONSOLE_TOKEN") or None,
+                           host=os.environ.get("CONSOLE_HOST") or "127.0.0.1",
+                           port=int(os.environ.get("CONSOLE_PORT") or 8082))
+    for port in (config.port, 0):
+        try:
+            return await start_console(dataclasses.replace(config, port=port))
+        except OSError as exc:
+            problem = exc
+    console.print(f"[yellow]the web console did not start[/]: {problem}")
+    return None
+
+
 async def run_demo(*, prompt: str, users: int, posts: int, data_dir: Path | None, keep: bool, timeout_s: float,
                    console: Console) -> int:
     real_llm = bool(os.environ.get("OPENROUTER_API_KEY"))
@@ -113,6 +136,7 @@ async def run_demo(*, prompt: str, users: int, posts: int, data_dir: Path | None
     root.mkdir(parents=True, exist_ok=True)
     stack = EmbeddedStack(root, simulator=not real_llm)
     worker: subprocess.Popen[bytes] | None = None
+    web: ConsoleServer | None = None
     code = 1
     try:
         with console.status("starting Kafka (tansu), MongoDB (SecantusDB), simulator and local platform..."):
@@ -120,10 +144,14 @@ async def run_demo(*, prompt: str, users: int, posts: int, data_dir: Path | None
         console.print(f"stack up: kafka {info.kafka_bootstrap}, mongo {info.mongo_uri}, "
                       f"{'real LLM/image APIs' if real_llm else 'provider simulator ' + str(info.simulator_url)}")
         worker = start_worker(info, root / "logs" / "worker.log", real_llm=real_llm)
+        web = await start_demo_console(info, console)
         world_id, _ = await send_world(kafka=info.kafka_bootstrap, mongo_uri=info.mongo_uri, database=WORKER_DB,
                                        topic=info.topics.get("tasks", "generia-tasks"), prompt=prompt,
                                        users=users, posts=posts)
         console.print(f"world {world_id} requested: {users} characters, {posts} posts")
+        if web is not None:
+            console.print(f"web console: [bold]{web.url}worlds/{world_id}[/]"
+                          + ("" if keep else "  (it stops with the demo; --keep leaves it running)"), soft_wrap=True)
         with Progress(TextColumn("{task.description:<12}"), BarColumn(), MofNCompleteColumn(),
                       TimeElapsedColumn(), console=console) as progress:
             bars = {
@@ -163,6 +191,9 @@ async def run_demo(*, prompt: str, users: int, posts: int, data_dir: Path | None
         console.print(f"logs: {root / 'logs'}")
         code = 1
     finally:
+        if web is not None:
+            with contextlib.suppress(Exception):
+                await web.stop()
         if worker is not None:
             await asyncio.to_thread(stop_process, worker)
         with contextlib.suppress(Exception):

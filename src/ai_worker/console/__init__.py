@@ -1,0 +1,1 @@
+"""The web console (`ai-worker console`): worlds, their characters and posts, models, dead letters."""

@@ -1,0 +1,56 @@
+"""What the console can change: cancel a world, retry its failed tasks, replay a dead letter.
+
+Each action is one function here, so the web layer has one place to call and the command line and the
+console do the same thing. Authorisation is the caller's job (see auth.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from ai_worker.messaging.dlq import DeadLetter, replay_one
+from ai_worker.mongo import Database
+from ai_worker.tasks.progress import WorldProgress
+from ai_worker.tasks.store import TaskStore
+
+CANCEL_REASON = "cancelled from the console"
+
+
+class NotAvailable(Exception):
+    """The action does not exist (yet) in this version of the worker."""
+
+
+@dataclass(frozen=True)
+class CancelResult:
+    tasks_cancelled: int
+    world_marked_failed: bool
+
+
+async def cancel_world(db: Database, world_id: str, reason: str = CANCEL_REASON) -> CancelResult:
+    """What `ai-worker cancel` does: the world's non-terminal tasks become `cancelled`, the world `failed`
+    with the reason; running jobs stop at their next step."""
+    n = await TaskStore(db).cancel_world(world_id, reason)
+    marked = await WorldProgress(db).fail_world(world_id, reason)
+    return CancelResult(tasks_cancelled=n, world_marked_failed=marked)
+
+
+def retry_available() -> bool:
+    """Whether `retry_world` can work; the console hides its button otherwise.
+
+    Wire the retry command here when it exists: make this return True and `retry_world` call it."""
+    return False
+
+
+async def retry_world(db: Database, world_id: str) -> int:
+    """Retry a world's failed tasks; returns how many were put back. Not available yet."""
+    raise NotAvailable("retrying a world's failed tasks is not available in this version")
+
+
+async def replay_dead_letter(bootstrap: Sequence[str], dlq_topic: str, tasks_topic: str, partition: int,
+                             offset: int, *, timeout_s: float = 10.0) -> DeadLetter | None:
+    """Re-publish one dead letter (original bytes, key and headers) onto the tasks topic; None when there is
+    no message at that position."""
+    return await asyncio.wait_for(replay_one(bootstrap, dlq_topic, tasks_topic, partition, offset),
+                                  timeout=timeout_s)
