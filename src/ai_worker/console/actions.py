@@ -10,10 +10,10 @@ import asyncio
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from ai_worker.jobs import build_registry
 from ai_worker.messaging.dlq import DeadLetter, replay_one
 from ai_worker.mongo import Database
-from ai_worker.tasks.progress import WorldProgress
-from ai_worker.tasks.store import TaskStore
+from ai_worker.tasks import operations
 
 CANCEL_REASON = "cancelled from the console"
 
@@ -31,9 +31,8 @@ class CancelResult:
 async def cancel_world(db: Database, world_id: str, reason: str = CANCEL_REASON) -> CancelResult:
     """What `ai-worker cancel` does: the world's non-terminal tasks become `cancelled`, the world `failed`
     with the reason; running jobs stop at their next step."""
-    n = await TaskStore(db).cancel_world(world_id, reason)
-    marked = await WorldProgress(db).fail_world(world_id, reason)
-    return CancelResult(tasks_cancelled=n, world_marked_failed=marked)
+    report = await operations.cancel_world(db, build_registry(), world_id, reason)
+    return CancelResult(tasks_cancelled=report.tasks_cancelled, world_marked_failed=report.world_failed)
 
 
 def retry_available() -> bool:
