@@ -13,6 +13,7 @@ from support import WorkerEnv, mongo, wait_world
 
 from ai_worker.devstack.stack import StackInfo
 from ai_worker.errors import BudgetExceeded
+from ai_worker.jobs import build_registry
 from ai_worker.providers.budget import MongoBudget
 from ai_worker.providers.history import CallContext
 
@@ -103,5 +104,26 @@ async def test_world_over_budget_fails_with_budget_exceeded(wenv: WorkerEnv) -> 
         assert any(t.get("error_type") == "budget_exceeded" for t in failed)
         assert await db["tasks"].count_documents(
             {"world_id": world_id, "status": {"$in": ["pending", "in_progress"]}}) == 0
+        # The status tells the truth: every stage whose work was cut short is failed, never completed.
+        stages = {s["name"]: s["status"] for s in status["stages"]}
+        assert stages["finishing"] == "failed"
+        assert set(stages.values()) <= {"completed", "failed"}, stages
+        registry = build_registry()
+        for t in failed:
+            assert stages[registry.policy(t["type"]).stage] == "failed", (t["type"], stages)
+        assert status["posts_created"] < status["posts_predicted"] == 6
+        assert status["users_created"] <= status["users_predicted"] == 3
+        rendered = _render(status)
+        assert f"{status['posts_created']}/6" in rendered and "budget_exceeded" in rendered
     finally:
         await client.close()
+
+
+def _render(doc: dict[str, Any]) -> str:
+    from rich.console import Console
+
+    from ai_worker.views import render_status
+
+    console = Console(width=120, record=True)
+    console.print(render_status(doc))
+    return console.export_text()

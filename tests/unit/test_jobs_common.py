@@ -1,4 +1,5 @@
-"""exact_count: exactly N distinct items from a model that over- or under-delivers; slug."""
+"""collect: up to N distinct items from a model that over- or under-delivers (a shortfall is kept, only
+nothing usable fails); slug."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from collections.abc import Sequence
 import pytest
 
 from ai_worker.errors import InvalidOutput
-from ai_worker.jobs.common import MAX_ASKS, exact_count, slug
+from ai_worker.jobs.common import MAX_ASKS, collect, slug
 
 
 class Asker:
@@ -17,7 +18,8 @@ class Asker:
         self.replies = list(replies)
         self.calls: list[tuple[int, list[str]]] = []
 
-    async def __call__(self, missing: int, have: list[str]) -> Sequence[str]:
+    async def __call__(self, number: int, missing: int, have: list[str]) -> Sequence[str]:
+        assert number == len(self.calls) + 1
         self.calls.append((missing, list(have)))
         return self.replies.pop(0) if self.replies else []
 
@@ -28,41 +30,47 @@ def _key(s: str) -> str:
 
 async def test_exact_reply_asks_once() -> None:
     ask = Asker(["a", "b", "c"])
-    assert await exact_count(3, ask, _key, set()) == ["a", "b", "c"]
+    assert await collect(3, ask, _key, set()) == ["a", "b", "c"]
     assert ask.calls == [(3, [])]
 
 
 async def test_surplus_is_trimmed() -> None:
     ask = Asker(["a", "b", "c", "d", "e"])
-    assert await exact_count(3, ask, _key, set()) == ["a", "b", "c"]
+    assert await collect(3, ask, _key, set()) == ["a", "b", "c"]
     assert len(ask.calls) == 1
 
 
 async def test_duplicates_dropped_against_taken_and_each_other() -> None:
     ask = Asker(["taken1", "x", "X", "y", "TAKEN2", "z"])
-    result = await exact_count(3, ask, _key, {"taken1", "taken2"})
+    result = await collect(3, ask, _key, {"taken1", "taken2"})
     assert result == ["x", "y", "z"]
     assert len(ask.calls) == 1
 
 
 async def test_taken_is_not_mutated() -> None:
     taken = {"a"}
-    await exact_count(1, Asker(["b"]), _key, taken)
+    await collect(1, Asker(["b"]), _key, taken)
     assert taken == {"a"}
 
 
 async def test_shortfall_is_asked_again_for_the_missing_number() -> None:
     ask = Asker(["a", "b"], ["b", "c", "d"], ["e", "f"])
-    result = await exact_count(5, ask, _key, set())
+    result = await collect(5, ask, _key, set())
     assert result == ["a", "b", "c", "d", "e"]
     assert ask.calls == [(5, []), (3, ["a", "b"]), (1, ["a", "b", "c", "d"])]
 
 
-async def test_invalid_output_after_max_asks() -> None:
+async def test_a_shortfall_after_max_asks_keeps_what_it_got() -> None:
     assert MAX_ASKS == 3
     ask = Asker(["a"], ["a"], ["b"], ["c", "d"])
+    assert await collect(4, ask, _key, set()) == ["a", "b"]
+    assert len(ask.calls) == 3
+
+
+async def test_nothing_usable_after_max_asks_is_invalid_output() -> None:
+    ask = Asker([], [], [])
     with pytest.raises(InvalidOutput) as info:
-        await exact_count(4, ask, _key, set())
+        await collect(4, ask, _key, set())
     assert len(ask.calls) == 3
     assert "4" in str(info.value)
 
@@ -70,19 +78,19 @@ async def test_invalid_output_after_max_asks() -> None:
 async def test_only_duplicates_fails() -> None:
     ask = Asker(["dup"], ["dup"], ["dup"])
     with pytest.raises(InvalidOutput):
-        await exact_count(1, ask, _key, {"dup"})
+        await collect(1, ask, _key, {"dup"})
     assert len(ask.calls) == 3
 
 
 async def test_success_on_third_ask() -> None:
     ask = Asker([], [], ["a", "b"])
-    assert await exact_count(2, ask, _key, set()) == ["a", "b"]
+    assert await collect(2, ask, _key, set()) == ["a", "b"]
     assert len(ask.calls) == 3
 
 
 async def test_zero_count_never_asks() -> None:
     ask = Asker(["a"])
-    assert await exact_count(0, ask, _key, set()) == []
+    assert await collect(0, ask, _key, set()) == []
     assert ask.calls == []
 
 

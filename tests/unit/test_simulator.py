@@ -409,3 +409,13 @@ async def test_runware_file_is_served_and_bounded(sim: ProviderSimulator) -> Non
     assert served.status_code == 200 and served.headers["content-type"] == "image/png"
     assert Image.open(io.BytesIO(served.content)).size == (128, 192)
     assert sim.stats["runware"] == 1 and sim.stats["requests"] == 1
+
+
+async def test_short_batch_knob_answers_one_item_short() -> None:
+    async with ProviderSimulator(SimulatorConfig(short_batch_rate=1.0)) as short_sim:
+        client = llm(short_sim, MemoryRecorder())
+        prompt = Prompt(system="You create characters.", user="Create exactly 7 characters for the world.")
+        result = await client.structured(prompt, CharacterBatch, CALL)
+        assert len(result.value.characters) == 6
+        assert short_sim.stats["short_batch"] == 1
+        await client.aclose()

@@ -18,6 +18,7 @@ import hmac
 import io
 import json
 import logging
+import random
 import re
 import secrets
 import time
@@ -88,6 +89,9 @@ class LocalPlatform:
         self._database_name = database
         self._secret = secrets.token_bytes(32)
         self._faults: dict[str, tuple[grpc.StatusCode, int]] = {}
+        self._hangs: dict[str, float] = {}
+        self._hang_rng = random.Random(0)
+        self.hung = 0
         self._client: AsyncMongoClient[Doc] | None = None
         self._db: AsyncDatabase[Doc] | None = None
         self._server: grpc.aio.Server | None = None
@@ -172,6 +176,15 @@ class LocalPlatform:
         else:
             self._faults[name] = (code, times)
 
+    def hang(self, method: str, rate: float) -> None:
+        """A fraction `rate` of the calls of `method` never answer (until the caller gives up): a stuck
+        server. `rate` 0 turns it off."""
+        name = method.rsplit("/", 1)[-1]
+        if rate <= 0:
+            self._hangs.pop(name, None)
+        else:
+            self._hangs[name] = rate
+
     async def seed_world(
         self,
         world_id: str,
@@ -214,6 +227,9 @@ class LocalPlatform:
             parse: Callable[[bytes], Req],
         ) -> grpc.RpcMethodHandler[Any, Any]:
             async def behaviour(request: Req, context: Context) -> Resp:
+                if self._hang_rng.random() < self._hangs.get(method, 0.0):
+                    self.hung += 1
+                    await asyncio.sleep(3600)  # cancelled when the caller's deadline passes or it hangs up
                 fault = self._faults.get(method)
                 if fault is not None:
                     code, left = fault

@@ -6,8 +6,9 @@ It answers `POST /v1/chat/completions` (also under `/api/v1`, OpenRouter's path)
 - a PNG image in `choices[0].message.images` when `modalities` contains "image";
 - plain text otherwise;
 with OpenRouter-style usage accounting (`usage.cost`). Faults are injected at configurable rates
-(5xx, 429 with Retry-After, malformed JSON, schema-invalid JSON, hangs, image errors), drawn from a
-random stream seeded by `config.seed` and the request number, so a run is reproducible.
+(5xx, 429 with Retry-After, malformed JSON, schema-invalid JSON, hangs, image errors, batch replies one
+item short of the `exactly N` they were asked for), drawn from a random stream seeded by `config.seed` and
+the request number, so a run is reproducible.
 
 It also answers Runware's REST API at `POST /runware/v1` (a JSON array holding one `imageInference` task;
 see `runware_url`): the PNG is rendered at the requested size, kept in memory (the last 500) and served
@@ -131,6 +132,7 @@ class SimulatorConfig:
     hang_rate: float = 0
     hang_s: float = 300
     image_error_rate: float = 0
+    short_batch_rate: float = 0  # a reply asked for exactly N items holds N - 1 (a real model does this)
     price_in_per_mtok: float = 0.30
     price_out_per_mtok: float = 2.50
     image_cost: float = 0.039
@@ -548,7 +550,7 @@ class _Call:
 
 
 # Every request draws these, in this order, so one knob does not shift the others' outcomes.
-_DRAWS = ("429", "5xx", "hang", "image", "malformed", "invalid", "model_429", "model_5xx")
+_DRAWS = ("429", "5xx", "hang", "image", "malformed", "invalid", "model_429", "model_5xx", "short")
 
 
 class ProviderSimulator:
@@ -802,7 +804,11 @@ class ProviderSimulator:
         if not isinstance(schema, dict):
             self.stats["bad_request"] += 1
             return _error(400, "response_format.json_schema.schema is required")
-        builder = _InstanceBuilder(schema, _Faker(rng, digest[:6]), _exact_count(messages))
+        exact = _exact_count(messages)
+        if exact and call.draw["short"] < self.config.short_batch_rate:
+            self.stats["short_batch"] += 1
+            exact -= 1
+        builder = _InstanceBuilder(schema, _Faker(rng, digest[:6]), exact)
         try:
             instance = builder.build(schema, "value")
         except (ValueError, KeyError) as exc:

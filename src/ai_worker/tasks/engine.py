@@ -20,6 +20,7 @@ from typing import Any, Protocol
 
 import structlog
 from pydantic import ValidationError
+from pymongo.errors import OperationFailure
 
 from ai_worker.errors import BudgetExceeded, InvalidParameters, UnknownTaskType, WorkerError
 from ai_worker.messaging.events import BadMessage, EventType, TaskEvent, utcnow
@@ -37,6 +38,7 @@ log = structlog.get_logger(__name__)
 
 WORLD_CACHE_S = 2.0  # how long a world's status read by this process is trusted (cancel detection)
 WORLD_CACHE_SIZE = 4096
+TYPE_MISMATCH = 14  # MongoDB's code for an update a field's type does not allow
 
 
 class Publisher(Protocol):
@@ -86,7 +88,12 @@ class Engine:
         if event.event_type != EventType.TASK_CREATED:
             raise BadMessage(f"unknown event_type {event.event_type[:64]!r}")
         # The hot path is one round trip: claim straight away; look at the document only when that fails.
-        raw = await self.store.claim_raw(event.task_id, self.worker_id, self.lease_s, self._types)
+        try:
+            raw = await self.store.claim_raw(event.task_id, self.worker_id, self.lease_s, self._types)
+        except OperationFailure as exc:
+            if exc.code != TYPE_MISMATCH:  # e.g. a string attempt_count cannot be incremented
+                raise
+            raw = None
         if raw is not None:
             task = await self._valid(raw)
             with task_log_context(task_id=task.id, world_id=task.world_id, task_type=task.type,
@@ -96,6 +103,9 @@ class Engine:
         raw = await self.store.get_raw(event.task_id)
         if raw is None:
             raise BadMessage(f"unknown task id {event.task_id}: no such task document")
+        if raw.get("error_type") == InvalidTaskDocument.error_type:
+            # Quarantined earlier (by the reconciler, or by an earlier delivery): still an unusable event.
+            raise BadMessage(f"{InvalidTaskDocument.error_type}: {raw.get('error')}")
         await self._unclaimable(await self._valid(raw))
 
     async def process(self, task: TaskDoc) -> None:
