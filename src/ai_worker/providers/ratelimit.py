@@ -512,8 +512,7 @@ class MongoRateLimiter:
             due = block.checked is None or (
                 not just_read and not 0.0 <= mono - block.checked < self._block_recheck_s)
             just_read = False
-            unread = [need for need, local in short if local.cached is None and need.bucket_id not in fresh]
-            if due or unread:
+            if due or any(local.cached is None for _, local in short):
                 trips += 1
                 just_read = True
                 missing = await self._read(key, block, [need for need, _ in short], mono)
@@ -533,7 +532,7 @@ class MongoRateLimiter:
             plans: list[_Plan] = []
             stale = False
             for need, local in short:
-                assert local.cached is not None
+                assert local.cached is not None  # read just above otherwise
                 owed = local.owed
                 tokens, ts = need.bucket.credit(*local.cached, now, owed)
                 lacking = max(0.0, need.cost - local.held())
