@@ -135,7 +135,7 @@ async def run_worker(settings: Settings, stop: asyncio.Event | None = None) -> N
             await reconcile_task
         engine.close()
         for closer in (consumer.stop, health.stop, producer.stop, llm.aclose, images.aclose, upload_http.aclose,
-                       platform.close):
+                       platform.close, recorder.aclose):
             try:
                 await closer()
             except Exception as exc:

@@ -212,16 +212,18 @@ async def test_token_login_csrf_and_cancel(console_db: Database, make_console: M
     assert "Cancel world" not in await (await client.get(f"/worlds/{world.world_id}")).text()
 
 
-async def test_retry_is_hidden_and_not_available(console_db: Database, make_console: MakeConsole) -> None:
+async def test_retry_puts_failed_tasks_back(console_db: Database, make_console: MakeConsole) -> None:
     world = await seed_world(console_db, status="failed", failed_error=("timeout", "took too long"))
     client = await make_console(token=TOKEN)
     csrf = await _login(client)
     page = await (await client.get(f"/worlds/{world.world_id}")).text()
-    assert actions.retry_available() is False and "Retry failed tasks" not in page
-    resp = await client.post(f"/worlds/{world.world_id}/retry", data={"csrf": csrf})
-    assert resp.status == 501 and "not available" in await resp.text()
-    with pytest.raises(actions.NotAvailable):
-        await actions.retry_world(console_db, world.world_id)
+    assert actions.retry_available() is True and "Retry failed tasks" in page
+    failed = await console_db["tasks"].count_documents({"world_id": world.world_id, "status": "failed"})
+    assert failed > 0
+    resp = await client.post(f"/worlds/{world.world_id}/retry", data={"csrf": csrf}, allow_redirects=False)
+    assert resp.status == 303
+    assert await console_db["tasks"].count_documents({"world_id": world.world_id, "status": "failed"}) == 0
+    assert await console_db["tasks"].count_documents({"world_id": world.world_id, "status": "pending"}) >= failed
 
 
 async def test_models_page_and_workers(console_db: Database, make_console: MakeConsole) -> None:

@@ -36,15 +36,17 @@ async def cancel_world(db: Database, world_id: str, reason: str = CANCEL_REASON)
 
 
 def retry_available() -> bool:
-    """Whether `retry_world` can work; the console hides its button otherwise.
-
-    Wire the retry command here when it exists: make this return True and `retry_world` call it."""
-    return False
+    """Whether `retry_world` can work; the console hides its button otherwise."""
+    return True
 
 
 async def retry_world(db: Database, world_id: str) -> int:
-    """Retry a world's failed tasks; returns how many were put back. Not available yet."""
-    raise NotAvailable("retrying a world's failed tasks is not available in this version")
+    """What `ai-worker retry WORLD_ID` does: the world's failed tasks go back to pending with fresh attempts
+    (memoised steps kept: nothing paid or created is done again) and a finished world back to in progress.
+    The console publishes no events: the workers' reconciler starts the tasks within two reconcile
+    intervals. Returns how many tasks were put back."""
+    report = await operations.retry(db, build_registry(), world_id=world_id)
+    return report.tasks_requeued
 
 
 async def replay_dead_letter(bootstrap: Sequence[str], dlq_topic: str, tasks_topic: str, partition: int,

@@ -162,9 +162,12 @@ async def run_demo(*, prompt: str, users: int, posts: int, data_dir: Path | None
             }
 
             def update(doc: dict[str, Any]) -> None:
-                done = sum(1 for s in doc.get("stages", []) if s.get("status") in ("completed", "failed"))
-                progress.update(bars["stages"], completed=done,
-                                description=f"{doc.get('current_stage', 'stages')[:12]}")
+                stages = doc.get("stages", [])
+                done = sum(1 for s in stages if s.get("status") == "completed")
+                failed = [str(s.get("name")) for s in stages if s.get("status") == "failed"]
+                # A failed stage is not progress: the bar counts completed stages and says which failed.
+                label = f"x {failed[0]}" if failed else str(doc.get("current_stage", "stages"))
+                progress.update(bars["stages"], completed=done, description=label[:12])
                 progress.update(bars["characters"], completed=doc.get("users_created", 0))
                 progress.update(bars["posts"], completed=doc.get("posts_created", 0))
                 progress.update(bars["tasks"], completed=doc.get("tasks_completed", 0),

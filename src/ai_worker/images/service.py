@@ -130,13 +130,16 @@ class ImageService:
         """Reserve the image price against the budgets, generate, settle to the real cost (refunded on
         failure)."""
         reservation = await self._budget.reserve(call, "image", route.model.price_per_image)
-        spent = 0.0
+        spent, recorded = 0.0, False
         try:
             image = await self._attempt(route, prompt, width, height, call, attempt)
-            spent = image.cost
+            spent, recorded = image.cost, True
             return image
+        except Exception:
+            recorded = True  # a failed generation is in the history too
+            raise
         finally:
-            await self._budget.settle(reservation, spent)
+            await self._budget.settle(reservation, spent, counted=recorded)
 
     async def _attempt(
         self, route: Route, prompt: str, width: int, height: int, call: CallContext, attempt: int

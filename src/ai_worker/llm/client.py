@@ -364,13 +364,16 @@ class LLMClient:
         """One paid request: reserve its maximum cost, make it, settle to the real cost (a failed request
         is refunded: providers do not bill errors)."""
         reservation = await self._budget.reserve(call, "llm", self.max_cost(route.model, messages))
-        spent = 0.0
+        spent, recorded = 0.0, False
         try:
             result = await self._attempt_unbudgeted(route, messages, schema, call, attempt=attempt)
-            spent = result.usage.cost
+            spent, recorded = result.usage.cost, True
             return result
+        except WorkerError:
+            recorded = True  # a failed request is in the history too
+            raise
         finally:
-            await self._budget.settle(reservation, spent)
+            await self._budget.settle(reservation, spent, counted=recorded)
 
     async def _attempt_unbudgeted(
         self,

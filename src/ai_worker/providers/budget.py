@@ -37,11 +37,12 @@ class Reservation:
     world_id: str | None
     day: str | None
     amount: float
+    kind: Kind = "llm"
 
 
 class CallBudget(Protocol):
     async def reserve(self, call: CallContext, kind: Kind, max_cost: float) -> Reservation: ...
-    async def settle(self, reservation: Reservation, actual_cost: float) -> None: ...
+    async def settle(self, reservation: Reservation, actual_cost: float, *, counted: bool = True) -> None: ...
 
 
 class Unlimited:
@@ -50,7 +51,7 @@ class Unlimited:
     async def reserve(self, call: CallContext, kind: Kind, max_cost: float) -> Reservation:
         return Reservation(world_id=None, day=None, amount=max_cost)
 
-    async def settle(self, reservation: Reservation, actual_cost: float) -> None:
+    async def settle(self, reservation: Reservation, actual_cost: float, *, counted: bool = True) -> None:
         return None
 
 
@@ -90,7 +91,7 @@ class MongoBudget:
             if day is not None:
                 await self._budgets.update_one({"_id": day}, {"$inc": {"committed_usd": -amount}})
             raise
-        return Reservation(world_id=world_id, day=day, amount=amount)
+        return Reservation(world_id=world_id, day=day, amount=amount, kind=kind)
 
     async def _reserve_world(self, world_id: str, kind: Kind, amount: float) -> None:
         caps = await self._world_caps(world_id)
@@ -100,6 +101,14 @@ class MongoBudget:
         limit = limits.get(kind)
         if await self._worlds.reserve(world_id, kind, amount, cap, limit):
             return
+        # Refused: the cap may have been raised since it was cached (an operator's retry): read it again.
+        self._caps.pop(world_id, None)
+        fresh = await self._world_caps(world_id)
+        if fresh is not None and fresh != caps:
+            cap, limits = fresh
+            limit = limits.get(kind)
+            if await self._worlds.reserve(world_id, kind, amount, cap, limit):
+                return
         reserved_field = CALL_FIELDS[kind][2]
         doc = await self._worlds.get(world_id) or {}
         if doc.get("status") not in LIVE:
@@ -120,15 +129,16 @@ class MongoBudget:
             raise BudgetExceeded(f"daily budget of ${self._daily_cap:.2f} would be exceeded")
         return day
 
-    async def settle(self, reservation: Reservation, actual_cost: float) -> None:
-        """Replace the reservation by the real cost (a refund when the call cost less)."""
-        delta = max(0.0, float(actual_cost)) - reservation.amount
-        if delta == 0:
-            return
+    async def settle(self, reservation: Reservation, actual_cost: float, *, counted: bool = True) -> None:
+        """Replace the reservation by the real cost (a refund when the call cost less) and, when the call
+        was `counted` (it reached the provider and is in the request history), count it and its cost on
+        the world's counters: one update of the world's document per call."""
+        cost = max(0.0, float(actual_cost))
+        delta = cost - reservation.amount
         try:
-            if reservation.world_id is not None:
-                await self._worlds.settle(reservation.world_id, delta)
-            if reservation.day is not None:
+            if reservation.world_id is not None and (counted or delta != 0):
+                await self._worlds.settle(reservation.world_id, reservation.kind, delta, cost, count=counted)
+            if reservation.day is not None and delta != 0:
                 await self._budgets.update_one({"_id": reservation.day}, {"$inc": {"committed_usd": delta}})
         except Exception as exc:  # the reservation stays (conservative): never under-counts spend
             log.warning("budget settle failed; reservation kept", error=str(exc))

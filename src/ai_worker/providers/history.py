@@ -3,6 +3,8 @@ call and cost counters on `world_generation_status`. Never store secrets or imag
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -11,6 +13,7 @@ from typing import Any, Literal, Protocol
 import structlog
 from pydantic import BaseModel, Field
 from pymongo import ASCENDING
+from pymongo.errors import BulkWriteError, PyMongoError
 
 from ai_worker.mongo import Collection, Database, Document
 from ai_worker.observability.metrics import observe_call
@@ -23,6 +26,7 @@ ApiType = Literal["llm", "image_generation", "grpc", "upload"]
 
 HISTORY_COLLECTION = "api_requests_history"
 _COUNTED_KINDS: dict[str, CallKind] = {"llm": "llm", "image_generation": "image"}
+DUPLICATE_KEY = 11000
 
 
 @dataclass(frozen=True)
@@ -70,13 +74,28 @@ class Recorder(Protocol):
 
 
 class MongoRecorder:
-    """The owner of `api_requests_history`: inserts one document per attempt, keeps the world's call/cost
-    counters (one $inc per call) and the per-model summary (`model_stats`, one $inc per provider attempt)."""
+    """The owner of `api_requests_history`: one document per attempt, and the per-model summary
+    (`model_stats`, one $inc per provider attempt). The world's call and cost counters are counted with the
+    budget settlement of the same call (one update: `providers.budget`) and set from this history when the
+    world ends (`sync_world`).
 
-    def __init__(self, db: Database) -> None:
+    A record that cannot be written (the database is down) is kept in this process and written again in the
+    background until it is (`pending`), so the history ends up equal to what the providers billed; a world
+    that finished meanwhile has its counters set again from the completed history."""
+
+    def __init__(self, db: Database, *, retry_s: float = 0.5, max_pending: int = 100_000) -> None:
         self._history: Collection = db[HISTORY_COLLECTION]
         self._worlds = WorldStatusStore(db)
         self._stats = ModelStatsStore(db)
+        self._retry_s = retry_s
+        self._max_pending = max_pending
+        self._pending: list[Document] = []
+        self._flusher: asyncio.Task[None] | None = None
+
+    @property
+    def pending(self) -> int:
+        """Records not written yet (kept in memory until the database takes them)."""
+        return len(self._pending)
 
     async def ensure_indexes(self) -> None:
         await self._history.create_index([("world_id", ASCENDING), ("api_type", ASCENDING)])
@@ -85,22 +104,80 @@ class MongoRecorder:
     async def record(self, record: ApiRequestRecord) -> None:
         doc = record.model_dump(by_alias=True)
         observe_call(record)
-        await self._history.insert_one(doc)
+        try:
+            await self._history.insert_one(doc)
+        except PyMongoError as exc:
+            self._keep(doc, exc)
+            return
         if record.api_type in ("llm", "image_generation"):
             try:
                 await self._stats.add(doc)
             except Exception as exc:  # a summary, not the ledger: never fail the call over it
                 log.warning("model_stats_update_failed", model=record.model, error=str(exc))
-        kind = _COUNTED_KINDS.get(record.api_type)
-        if record.world_id is not None and kind is not None:
-            await self._worlds.add_call(record.world_id, kind, record.cost, record.created_at)
 
-    async def sync_world(self, world_id: str) -> None:
+    def _keep(self, doc: Document, exc: BaseException) -> None:
+        if len(self._pending) >= self._max_pending:
+            log.error("request_history_dropped", reason="too many records waiting", record_id=doc["_id"])
+            return
+        self._pending.append(doc)
+        log.warning("request_history_deferred", error=str(exc), error_type=type(exc).__name__,
+                    pending=len(self._pending))
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.get_running_loop().create_task(self._flush_loop())
+
+    async def _flush_loop(self) -> None:
+        while self._pending:
+            await asyncio.sleep(self._retry_s)
+            with contextlib.suppress(PyMongoError):
+                await self.flush()
+
+    async def flush(self) -> int:
+        """Write the records kept in memory; returns how many were written (raises while the database is
+        down). A world that finished while its records waited gets its counters set again."""
+        batch, self._pending = self._pending, []
+        if not batch:
+            return 0
+        try:
+            await self._history.insert_many(batch, ordered=False)
+        except BulkWriteError as exc:  # already written (the first insert did reach the server): fine
+            other = [e for e in exc.details.get("writeErrors", []) if e.get("code") != DUPLICATE_KEY]
+            if other:
+                self._pending[:0] = batch
+                raise
+        except BaseException:
+            self._pending[:0] = batch
+            raise
+        for doc in batch:
+            if doc.get("api_type") in ("llm", "image_generation"):
+                with contextlib.suppress(Exception):
+                    await self._stats.add(doc)
+        for world_id in {str(d["world_id"]) for d in batch if d.get("world_id")}:
+            await self.sync_world(world_id, finished_too=True)
+        log.info("request_history_flushed", records=len(batch))
+        return len(batch)
+
+    async def aclose(self) -> None:
+        """Last chance for records kept in memory (at shutdown)."""
+        if self._flusher is not None:
+            self._flusher.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._flusher
+        if self._pending:
+            try:
+                await self.flush()
+            except Exception as exc:
+                log.error("request_history_lost_at_shutdown", records=len(self._pending), error=str(exc))
+
+    async def sync_world(self, world_id: str, *, finished_too: bool = False) -> None:
         """Set the world's call counters and cost totals to what the history holds (the truth).
 
-        Call only when every task of the world is terminal (no call can be in flight): `record` writes
-        the history document and then `$inc`s the counters, so a crash or a database outage between the two
-        leaves the counters short; this repairs them before the world is marked finished."""
+        Called when every task of the world is terminal (no call can be in flight): the counters are
+        counted with each call's budget settlement, so a crash or a database outage between the history
+        write and that update leaves them short; this repairs them before the world is marked finished.
+        Records this process still keeps in memory are written first."""
+        if self._pending:
+            with contextlib.suppress(PyMongoError):
+                await self.flush()
         pipeline: list[Document] = [
             {"$match": {"world_id": world_id, "api_type": {"$in": list(_COUNTED_KINDS)}}},
             {"$group": {"_id": "$api_type", "n": {"$sum": 1}, "cost": {"$sum": "$cost"}}},
@@ -110,7 +187,7 @@ class MongoRecorder:
             kind = _COUNTED_KINDS.get(str(row["_id"]))
             if kind is not None:
                 totals[kind] = (int(row["n"]), float(row["cost"] or 0.0))
-        await self._worlds.set_call_totals(world_id, totals)
+        await self._worlds.set_call_totals(world_id, totals, live_only=not finished_too)
 
     async def world_records(self, world_id: str) -> list[Document]:
         """The LLM and image attempts of one world (what `models stats --world` summarises exactly)."""

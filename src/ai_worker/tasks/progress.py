@@ -149,6 +149,20 @@ class WorldProgress:
             return WorldState(finished or state.status, state.failure_reason, finished)
         return state
 
+    async def requeued(self, world_id: str, types: Counter[str]) -> None:
+        """Failed tasks (by type) went back to pending: take them out of the failed counts and set the
+        stages again from the counts (they may move back, e.g. from failed to in_progress)."""
+        inc: Counter[str] = Counter()
+        for task_type, n in types.items():
+            inc["tasks_failed"] -= n
+            inc[f"{TASK_COUNTS}.{task_type}.failed"] -= n
+        doc = await self.status.add_progress(world_id, inc)
+        if doc is None:
+            return
+        counts = _type_counts(doc)
+        stages = self._stages(counts, failing=self._failing(doc, counts), finished=None)
+        await self.status.set_stages(world_id, _current(stages), stages)
+
     # --- the exact recount (once per world, and for worlds that stopped moving) -------------------------
     async def recount(self, world_id: str) -> Finished | None:
         """Recount a world from its tasks (O(world size)); finish it when every task is terminal. Returns

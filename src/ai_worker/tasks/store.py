@@ -286,6 +286,28 @@ class TaskStore:
         )
         return int(res.modified_count)
 
+    async def requeue(self, query: Document, types: Many[str]) -> list[Document]:
+        """Put failed or cancelled tasks matching `query` back to pending with fresh attempts (an operator's
+        retry). Their memoised steps stay, so nothing paid or created is done again. Quarantined documents
+        and unknown types are left alone. Returns the requeued tasks (`_id`, `type`, `world_id`)."""
+        candidates = self._tasks.find(
+            {**query, "status": {"$in": [TaskStatus.FAILED.value, TaskStatus.CANCELLED.value]},
+             "type": {"$in": list(types)}, "error_type": {"$ne": "invalid_task_document"}},
+            {"_id": 1, "type": 1, "world_id": 1, "status": 1})
+        requeued: list[Document] = []
+        now = utcnow()
+        async for doc in candidates:
+            res = await self._tasks.update_one(
+                {"_id": doc["_id"], "status": doc["status"]},
+                {"$set": {"status": TaskStatus.PENDING.value, "worker_id": None, "lease_until": None,
+                          "not_before": None, "attempt_count": 0, "free_retries": 0, "updated_at": now,
+                          "requeued_at": now},
+                 "$unset": {"finished_at": "", "completed_at": ""},
+                 "$inc": {"requeues": 1}})
+            if res.modified_count:
+                requeued.append(doc)
+        return requeued
+
     async def counts_by_type_status(self, world_id: str) -> dict[tuple[str, str], int]:
         """Tasks of a world by (type, status): O(world size), for the exact recount only (the hot path keeps
         incremental counters)."""

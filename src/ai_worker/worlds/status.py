@@ -201,6 +201,27 @@ class WorldStatusStore:
             {"$set": {"status": "failed", "failure_reason": reason, "updated_at": utcnow()}})
         return bool(res.modified_count)
 
+    async def reopen(self, world_id: str, *, budget_usd: float | None = None) -> bool:
+        """A finished world goes back to `in_progress` (an operator retries its failed tasks): its failure
+        reason and budget flag are cleared; `budget_usd` raises its money cap. Returns True when it was
+        finished."""
+        sets: Document = {"status": "in_progress", "updated_at": utcnow()}
+        if budget_usd is not None:
+            sets["budget_usd"] = budget_usd
+        res = await self._col.update_one(
+            {"_id": world_id, "status": {"$in": list(TERMINAL_WORLD)}},
+            {"$set": sets, "$unset": {"failure_reason": "", "budget_exceeded": "", "budget_detail": "",
+                                      "finished_at": ""}})
+        if not res.modified_count and budget_usd is not None:
+            await self._col.update_one({"_id": world_id}, {"$set": {"budget_usd": budget_usd}})
+        return bool(res.modified_count)
+
+    async def set_stages(self, world_id: str, current_stage: str, stages: Mapping[str, str]) -> None:
+        """Set every stage's status as given (not only forward: an operator's retry moves stages back)."""
+        await self._col.update_one({"_id": world_id}, {"$set": {
+            "current_stage": current_stage, "stages": [{"name": s, "status": stages.get(s, "pending")} for s in STAGES],
+            "updated_at": utcnow()}})
+
     # --- the ledger of paid calls --------------------------------------------------------------------
     async def reserve(self, world_id: str, kind: CallKind, amount: float, cap: float | None,
                       limit: int | None) -> bool:
@@ -215,22 +236,30 @@ class WorldStatusStore:
         res = await self._col.update_one(query, {"$inc": {"budget_committed_usd": amount, reserved: 1}})
         return bool(res.matched_count)
 
-    async def settle(self, world_id: str, delta_usd: float) -> None:
-        """Replace a reservation by the real cost (`delta_usd` = real - reserved)."""
-        await self._col.update_one({"_id": world_id}, {"$inc": {"budget_committed_usd": delta_usd}})
-
-    async def add_call(self, world_id: str, kind: CallKind, cost: float, at: datetime) -> None:
-        """Count one call attempt of `kind` and its cost."""
+    async def settle(self, world_id: str, kind: CallKind, delta_usd: float, cost: float, *,
+                     count: bool = True) -> None:
+        """Replace a reservation by the real cost (`delta_usd` = real - reserved) and, with `count`, count
+        the call and its cost, in one update."""
         made, total, _, _ = CALL_FIELDS[kind]
-        await self._col.update_one({"_id": world_id}, {"$inc": {made: 1, total: cost}, "$set": {"updated_at": at}})
+        inc: Document = {"budget_committed_usd": delta_usd}
+        if count:
+            inc.update({made: 1, total: cost})
+            await self._col.update_one({"_id": world_id}, {"$inc": inc, "$set": {"updated_at": utcnow()}})
+        else:
+            await self._col.update_one({"_id": world_id}, {"$inc": inc})
 
-    async def set_call_totals(self, world_id: str, totals: Mapping[CallKind, tuple[int, float]]) -> None:
-        """Set the call counters and cost totals to the truth (the history), while the world is live."""
+    async def set_call_totals(self, world_id: str, totals: Mapping[CallKind, tuple[int, float]], *,
+                              live_only: bool = True) -> None:
+        """Set the call counters and cost totals to the truth (the history): while the world is live, or
+        also after it ended (`live_only=False`, when late history records were written)."""
         sets: Document = {}
         for kind, (made, total, _, _) in CALL_FIELDS.items():
             n, cost = totals.get(kind, (0, 0.0))
             sets[made], sets[total] = n, cost
-        await self._col.update_one({"_id": world_id, "status": {"$in": list(LIVE)}}, {"$set": sets})
+        query: Document = {"_id": world_id}
+        if live_only:
+            query["status"] = {"$in": list(LIVE)}
+        await self._col.update_one(query, {"$set": sets})
 
 
 def stage_statuses(doc: Document) -> dict[str, str]:
