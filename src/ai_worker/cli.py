@@ -33,11 +33,14 @@ def _settings_or_exit() -> Any:
 def run() -> None:
     """Run the worker: consume task events until SIGTERM/SIGINT (configuration from the environment)."""
     settings = _settings_or_exit()
-    from ai_worker.app import run_worker
+    from ai_worker.app import StartupError, run_worker
     from ai_worker.observability.logging import configure_logging
 
     configure_logging(settings.log_level)
-    asyncio.run(run_worker(settings))
+    try:
+        asyncio.run(run_worker(settings))
+    except StartupError as exc:  # already logged, as one line
+        raise typer.Exit(exc.exit_code) from None
 
 
 @app.command()

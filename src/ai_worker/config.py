@@ -110,6 +110,7 @@ class Settings(BaseSettings):
     task_max_attempts: dict[str, int] = Field(default_factory=dict, alias="TASK_MAX_ATTEMPTS")
     task_timeouts_s: dict[str, float] = Field(default_factory=dict, alias="TASK_TIMEOUTS_S")
     reconcile_interval_s: float = Field(10.0, alias="RECONCILE_INTERVAL_S", gt=0)
+    startup_timeout_s: float = Field(30.0, alias="STARTUP_TIMEOUT_S", gt=0)
 
     # --- web console (`ai-worker console`) -----------------------------------------------------
     console_host: str = Field("127.0.0.1", alias="CONSOLE_HOST")
