@@ -35,6 +35,7 @@ from ai_worker.llm.client import LLMClient
 from ai_worker.messaging.admin import ensure_topics
 from ai_worker.messaging.consumer import TaskConsumer
 from ai_worker.messaging.producer import EventProducer
+from ai_worker.messaging.security import describe
 from ai_worker.observability.health import HealthServer
 from ai_worker.platform.clients import PlatformClients
 from ai_worker.providers.breaker import BreakerBoard
@@ -149,14 +150,16 @@ async def _start(settings: Settings, stack: contextlib.AsyncExitStack, stop: asy
         raise mongo_error(uri, exc) from None
 
     bootstrap = settings.kafka_bootstrap
-    await wait_for_kafka(bootstrap, {}, deadline, stop)
+    kafka_options = settings.kafka_options  # validated by load_settings
+    log.info("kafka security", **describe(kafka_options))
+    await wait_for_kafka(bootstrap, kafka_options, deadline, stop)
     if stop.is_set():
         return None
     topics = [settings.kafka_topic_tasks, settings.kafka_topic_progress, settings.kafka_topic_dlq]
     try:
         with quiet_kafka_logs():
-            await asyncio.wait_for(ensure_topics(bootstrap, topics, settings.kafka_topic_partitions),
-                                   _remaining(deadline))
+            await asyncio.wait_for(ensure_topics(bootstrap, topics, settings.kafka_topic_partitions,
+                                                 kafka_options), _remaining(deadline))
     except Exception as exc:  # a managed cluster may forbid creation: the topics must then exist already
         log.warning("could not ensure topics", error=short_error(exc), error_type=type(exc).__name__)
 
@@ -164,6 +167,7 @@ async def _start(settings: Settings, stack: contextlib.AsyncExitStack, stop: asy
         bootstrap=bootstrap, tasks_topic=settings.kafka_topic_tasks,
         progress_topic=settings.kafka_topic_progress, dlq_topic=settings.kafka_topic_dlq,
         enable_idempotence=settings.kafka_enable_idempotence, client_id=settings.worker_id,
+        client_options=kafka_options,
     )
     _closing(stack, "kafka producer", producer.stop)
     await start_kafka(producer.start, bootstrap, _remaining(deadline), "Kafka (producer)")
@@ -204,6 +208,7 @@ async def _start(settings: Settings, stack: contextlib.AsyncExitStack, stop: asy
         classify=engine.work_class,
         drain_timeout_s=settings.shutdown_grace_s, session_timeout_ms=settings.kafka_session_timeout_ms,
         heartbeat_interval_ms=settings.kafka_heartbeat_interval_ms, client_id=settings.worker_id,
+        client_options=kafka_options,
     )
     _closing(stack, "kafka consumer", consumer.stop)
     stack.callback(engine.close)  # retry timers go before the consumer closes (as the drain has finished)
@@ -211,7 +216,8 @@ async def _start(settings: Settings, stack: contextlib.AsyncExitStack, stop: asy
 
     reconciler = Reconciler(db=db, store=store, engine=engine, publisher=producer, worker_id=settings.worker_id,
                             interval_s=settings.reconcile_interval_s, lease_s=settings.task_lease_s,
-                            ensure_topics=lambda: ensure_topics(bootstrap, topics, settings.kafka_topic_partitions))
+                            ensure_topics=lambda: ensure_topics(bootstrap, topics, settings.kafka_topic_partitions,
+                                                                kafka_options))
     health = HealthServer(settings.service_host, settings.service_port, stats=lambda: {
         "worker_id": settings.worker_id, "in_flight": consumer.in_flight(), "processed": consumer.processed,
         "dead_lettered": consumer.dead_lettered, "breakers": breakers.snapshot()})

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import socket
 from functools import cached_property
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import AliasChoices, Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
@@ -54,6 +54,16 @@ class Settings(BaseSettings):
     kafka_session_timeout_ms: int = Field(10000, alias="KAFKA_SESSION_TIMEOUT_MS", ge=1000)
     kafka_heartbeat_interval_ms: int = Field(3000, alias="KAFKA_HEARTBEAT_INTERVAL_MS", ge=100)
     kafka_topic_partitions: int = Field(8, alias="KAFKA_TOPIC_PARTITIONS", ge=1)
+    kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = Field(
+        "PLAINTEXT", alias="KAFKA_SECURITY_PROTOCOL")
+    kafka_sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] = Field(
+        "PLAIN", alias="KAFKA_SASL_MECHANISM")
+    kafka_sasl_username: str | None = Field(None, alias="KAFKA_SASL_USERNAME")
+    kafka_sasl_password: str | None = Field(None, alias="KAFKA_SASL_PASSWORD", repr=False)
+    kafka_ssl_cafile: str | None = Field(None, alias="KAFKA_SSL_CAFILE")
+    kafka_ssl_certfile: str | None = Field(None, alias="KAFKA_SSL_CERTFILE")
+    kafka_ssl_keyfile: str | None = Field(None, alias="KAFKA_SSL_KEYFILE")
+    kafka_ssl_key_password: str | None = Field(None, alias="KAFKA_SSL_KEY_PASSWORD", repr=False)
 
     # --- LLM -----------------------------------------------------------------------------------
     openrouter_api_key: str | None = Field(None, alias="OPENROUTER_API_KEY", repr=False)
@@ -138,6 +148,13 @@ class Settings(BaseSettings):
         return [b.strip() for b in self.kafka_brokers.split(",") if b.strip()]
 
     @cached_property
+    def kafka_options(self) -> dict[str, Any]:
+        """Security keyword arguments of every aiokafka client (raises ConfigError naming the variable)."""
+        from ai_worker.messaging.security import kafka_options
+
+        return kafka_options(self)
+
+    @cached_property
     def models(self) -> ModelRegistry:
         """The model registry file resolved against these settings (raises RegistryError)."""
         env = dict(os.environ)
@@ -171,6 +188,7 @@ class Settings(BaseSettings):
 
     def check_runtime(self) -> None:
         """Checks that need more than one variable; raises ConfigError naming the variable."""
+        _ = self.kafka_options
         try:
             missing = self.models.missing_keys()
         except RegistryError as exc:
