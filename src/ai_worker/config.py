@@ -121,6 +121,7 @@ class Settings(BaseSettings):
     task_timeouts_s: dict[str, float] = Field(default_factory=dict, alias="TASK_TIMEOUTS_S")
     reconcile_interval_s: float = Field(10.0, alias="RECONCILE_INTERVAL_S", gt=0)
     startup_timeout_s: float = Field(30.0, alias="STARTUP_TIMEOUT_S", gt=0)
+    cli_timeout_s: float = Field(5.0, alias="CLI_TIMEOUT_S", gt=0)
 
     # --- web console (`ai-worker console`) -----------------------------------------------------
     console_host: str = Field("127.0.0.1", alias="CONSOLE_HOST")

@@ -103,13 +103,16 @@ def mongo_client(uri: str, *, timeout_s: float, server_selection_s: float | None
     return client
 
 
-def mongo_error(uri: str, exc: BaseException, client: Client | None = None) -> Unreachable:
+def mongo_error(uri: str, exc: BaseException, client: Client | None = None,
+                timeout_s: float | None = None) -> Unreachable:
     """The operator's view of a failed MongoDB operation. A bare timeout (ours, around the driver's server
     selection) is explained by the last error the driver's monitor saw, when `client` is given."""
     if isinstance(exc, OperationFailure) and exc.code == AUTH_FAILED:
         return Unreachable("MongoDB", mask_uri(uri), exc, MONGO_AUTH_HINT)
     if isinstance(exc, TimeoutError):
         seen = _monitor_error(client) if client is not None else None
+        if seen is None and timeout_s is not None:
+            seen = f"no answer within {timeout_s:g} s"
         return Unreachable("MongoDB", mask_uri(uri), f"TimeoutError: {seen}" if seen else "TimeoutError", MONGO_HINT)
     return Unreachable("MongoDB", mask_uri(uri), exc, MONGO_HINT)
 
@@ -169,16 +172,17 @@ async def refused_everywhere(hosts: Sequence[tuple[str, int]], timeout_s: float)
 
 
 async def check_mongo(client: Client, uri: str, timeout_s: float) -> None:
-    """Ping within `timeout_s` (fails at once when nothing listens at any host); raises Unreachable."""
+    """Ping within `timeout_s` in all (fails at once when nothing listens at any host); raises Unreachable."""
+    started = time.monotonic()
     hosts = _mongo_hosts(uri)
     if hosts is not None:
         refused = await refused_everywhere(hosts, min(timeout_s, 1.0))
         if refused is not None:
             raise Unreachable("MongoDB", mask_uri(uri), refused, MONGO_HINT)
     try:
-        await asyncio.wait_for(client.admin.command("ping"), timeout_s + 1.0)
+        await asyncio.wait_for(client.admin.command("ping"), max(timeout_s - (time.monotonic() - started), 0.1))
     except (PyMongoError, TimeoutError, OSError) as exc:
-        raise mongo_error(uri, exc, client) from None
+        raise mongo_error(uri, exc, client, timeout_s) from None
 
 
 async def wait_for_mongo(client: Client, uri: str, deadline: float, stop: asyncio.Event | None = None) -> None:
@@ -186,10 +190,11 @@ async def wait_for_mongo(client: Client, uri: str, deadline: float, stop: asynci
     Returns early (without raising) when `stop` is set."""
     last: BaseException | None = None
     delay = 0.25
+    started = time.monotonic()
     while stop is None or not stop.is_set():
         remaining = deadline - time.monotonic()
         if remaining <= 0:
-            raise mongo_error(uri, last or TimeoutError(), client)
+            raise mongo_error(uri, last or TimeoutError(), client, deadline - started)
         try:  # short attempts: a stop request is noticed within ATTEMPT_S
             await asyncio.wait_for(client.admin.command("ping"), min(remaining, ATTEMPT_S))
             return
@@ -212,6 +217,9 @@ async def start_kafka(start: Callable[[], Awaitable[object]], bootstrap: Sequenc
     try:
         with quiet_kafka_logs():
             await asyncio.wait_for(start(), max(timeout_s, 0.1))
+    except TimeoutError:
+        raise Unreachable(what, kafka_address(bootstrap), f"TimeoutError: no answer within {timeout_s:g} s",
+                          KAFKA_HINT) from None
     except KAFKA_ERRORS as exc:
         raise Unreachable(what, kafka_address(bootstrap), exc, KAFKA_HINT) from None
 

@@ -12,6 +12,7 @@ import certifi
 import pytest
 import structlog
 
+from ai_worker import client as client_module
 from ai_worker.config import ConfigError, Settings, load_settings
 from ai_worker.messaging import admin as admin_module
 from ai_worker.messaging import dlq as dlq_module
@@ -106,7 +107,7 @@ class _Refused(Exception):
     pass
 
 
-async def test_they_reach_the_admin_client_and_dlq_tools(sasl_ssl: Settings,
+async def test_they_reach_the_admin_client_dlq_tools_and_send(sasl_ssl: Settings,
                                                               monkeypatch: pytest.MonkeyPatch) -> None:
     seen: list[tuple[str, dict[str, Any]]] = []
 
@@ -127,12 +128,16 @@ async def test_they_reach_the_admin_client_and_dlq_tools(sasl_ssl: Settings,
 
     monkeypatch.setattr(admin_module, "AIOKafkaAdminClient", recorder("admin"))
     monkeypatch.setattr(dlq_module, "AIOKafkaConsumer", recorder("dlq consumer"))
+    monkeypatch.setattr(client_module, "AIOKafkaProducer", recorder("send producer"))
     opts = sasl_ssl.kafka_options
     with pytest.raises(_Refused):
         await admin_module.ensure_topics(sasl_ssl.kafka_bootstrap, ["t"], 1, opts)
     with pytest.raises(_Refused):
         await dlq_module.read_dead_letters(sasl_ssl.kafka_bootstrap, "d", None, 1, options=opts)
-    assert [name for name, _ in seen] == ["admin", "dlq consumer"]
+    with pytest.raises(_Refused):  # send reaches Kafka first: MongoDB (unreachable here) is not even tried
+        await client_module.send_world(kafka="k1:9093", mongo_uri="mongodb://127.0.0.1:1", database="x",
+                                       topic="t", prompt="p", users=1, posts=0, kafka_options=opts)
+    assert [name for name, _ in seen] == ["admin", "dlq consumer", "send producer"]
     for name, kwargs in seen:
         for key in ("security_protocol", "sasl_mechanism", "sasl_plain_username", "sasl_plain_password",
                     "ssl_context"):
