@@ -170,6 +170,104 @@ def cancel(
     run_command(conn, go, doing="cancel")
 
 
+def _wide() -> Console:
+    """The console for tables: the terminal's width, or a wide one when the output goes to a file or a pipe (the
+    80 columns rich assumes there would cut the ids; scripts should use --json)."""
+    return console if console.is_terminal else Console(width=240)
+
+
+WORLD_STATUSES = ("pending", "in_progress", "completed", "failed")
+TASK_STATUSES = ("pending", "in_progress", "completed", "failed", "cancelled")
+
+
+def _choice(value: str | None, allowed: tuple[str, ...], option: str) -> str | None:
+    if value is not None and value not in allowed:
+        raise typer.BadParameter(f"{value!r} is not one of {', '.join(allowed)}", param_hint=option)
+    return value
+
+
+@app.command()
+def worlds(
+    status: Annotated[str | None, typer.Option(help="Only worlds in this status: " + ", ".join(WORLD_STATUSES))
+                      ] = None,
+    since: Annotated[str | None, typer.Option(help="Only worlds created within this age: 30m, 24h, 7d, ...")] = None,
+    limit: Annotated[int, typer.Option(min=1, max=10000, help="At most this many, newest first")] = 20,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table")] = False,
+    mongo: MongoOpt = None,
+    database: DatabaseOpt = None,
+    timeout: TimeoutOpt = None,
+    debug: DebugOpt = False,
+) -> None:
+    """Recent worlds, newest first: status, stage, progress, characters, posts, cost."""
+    import json
+    from datetime import UTC, datetime
+
+    from ai_worker.listing import parse_age, render_worlds, world_row
+    from ai_worker.worlds.status import WorldStatusStore
+
+    _choice(status, WORLD_STATUSES, "--status")
+    try:
+        age = parse_age(since) if since is not None else None
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--since") from None
+    conn = resolve(mongo=mongo, database=database, timeout=timeout, debug=debug)
+
+    async def go() -> int:
+        cutoff = datetime.now(UTC) - age if age is not None else None
+        async with mongo_db(conn) as db:
+            docs = await WorldStatusStore(db).recent(status, cutoff, limit)
+        if as_json:
+            console.print_json(json.dumps([world_row(d) for d in docs], default=str))
+            return 0
+        what = " ".join(filter(None, [status, f"created in the last {since}" if since else None]))
+        _wide().print(render_worlds(docs, f"{len(docs)} world(s){' ' + what if what else ''}, newest first"))
+        return 0
+
+    run_command(conn, go, doing="worlds")
+
+
+@app.command()
+def tasks(
+    world_id: str,
+    status: Annotated[str | None, typer.Option(help="Only tasks in this status: " + ", ".join(TASK_STATUSES))] = None,
+    task_type: Annotated[str | None, typer.Option("--type", help="Only tasks of this type, e.g. generate_post")] = None,
+    limit: Annotated[int, typer.Option(min=1, max=100000, help="At most this many, oldest first")] = 200,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table")] = False,
+    mongo: MongoOpt = None,
+    database: DatabaseOpt = None,
+    timeout: TimeoutOpt = None,
+    debug: DebugOpt = False,
+) -> None:
+    """A world's tasks in creation order, with their attempts and error types (e.g. --status failed)."""
+    import json
+
+    from ai_worker.listing import error_summary, render_tasks, task_row
+    from ai_worker.tasks.store import TaskStore
+
+    _choice(status, TASK_STATUSES, "--status")
+    conn = resolve(mongo=mongo, database=database, timeout=timeout, debug=debug)
+
+    async def go() -> int:
+        async with mongo_db(conn) as db:
+            docs = await TaskStore(db).list_for_world(world_id, status, task_type, limit)
+        if as_json:
+            console.print_json(json.dumps([task_row(d) for d in docs], default=str))
+            return 0
+        if not docs:
+            filters = " ".join(f"{k} {v}" for k, v in (("status", status), ("type", task_type)) if v)
+            err_console.print(f"no tasks for world {world_id}{' with ' + filters if filters else ''} "
+                              f"in database {conn.database}")
+            return 1 if not (status or task_type) else 0
+        _wide().print(render_tasks(docs, f"world {world_id}: {len(docs)} task(s)"
+                                         f"{' (limit reached)' if len(docs) == limit else ''}"))
+        summary = error_summary(docs)
+        if summary:
+            console.print(summary)
+        return 0
+
+    run_command(conn, go, doing="tasks")
+
+
 dlq_app = typer.Typer(help="The dead-letter topic: list and replay.", no_args_is_help=True)
 app.add_typer(dlq_app, name="dlq")
 
