@@ -43,6 +43,7 @@ from ai_worker.providers.budget import MongoBudget
 from ai_worker.providers.history import MongoRecorder
 from ai_worker.providers.ratelimit import MongoRateLimiter
 from ai_worker.providers.routing import ModelRouter, provider_slots
+from ai_worker.retention import apply_retention
 from ai_worker.tasks.engine import Engine
 from ai_worker.tasks.progress import WorldProgress
 from ai_worker.tasks.reconciler import Reconciler
@@ -148,6 +149,10 @@ async def _start(settings: Settings, stack: contextlib.AsyncExitStack, stop: asy
             await asyncio.wait_for(owner.ensure_indexes(), _remaining(deadline))
     except (PyMongoError, TimeoutError) as exc:
         raise mongo_error(uri, exc) from None
+    try:
+        await asyncio.wait_for(apply_retention(db, settings), _remaining(deadline))
+    except Exception as exc:  # old data stays a little longer: not a reason to stop working
+        log.warning("retention not applied", error=short_error(exc), error_type=type(exc).__name__)
 
     bootstrap = settings.kafka_bootstrap
     kafka_options = settings.kafka_options  # validated by load_settings

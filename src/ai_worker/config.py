@@ -128,6 +128,11 @@ class Settings(BaseSettings):
     console_port: int = Field(8082, alias="CONSOLE_PORT", ge=0, le=65535)
     console_token: str | None = Field(None, alias="CONSOLE_TOKEN", repr=False)
 
+    # --- retention (TTL indexes, see retention.py); 0 = keep forever -------------------------------
+    task_retention_days: float = Field(30.0, alias="TASK_RETENTION_DAYS", ge=0)
+    history_retention_days: float = Field(30.0, alias="HISTORY_RETENTION_DAYS", ge=0)
+    model_stats_retention_days: float = Field(400.0, alias="MODEL_STATS_RETENTION_DAYS", ge=0)
+
     # --- accepted for compatibility with the worker we replace (see README) ---------------------
     minio_endpoint: str | None = Field(None, alias="MINIO_ENDPOINT")
     minio_access_key: str | None = Field(None, alias="MINIO_ACCESS_KEY", repr=False)

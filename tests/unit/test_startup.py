@@ -78,6 +78,7 @@ def fake_servers(monkeypatch: pytest.MonkeyPatch) -> _Recorder:
     monkeypatch.setattr(app_module, "wait_for_mongo", nothing)
     monkeypatch.setattr(app_module, "wait_for_kafka", nothing)
     monkeypatch.setattr(app_module, "ensure_topics", nothing)
+    monkeypatch.setattr(app_module, "apply_retention", nothing)
     for owner in (app_module.TaskStore, app_module.WorldStatusStore, app_module.MongoRecorder):
         monkeypatch.setattr(owner, "ensure_indexes", nothing)
 
