@@ -29,5 +29,12 @@ COPY --chown=worker:worker protos ./protos
 USER worker:worker
 # Health, readiness and Prometheus metrics of the worker.
 EXPOSE 8081
+# Liveness, not readiness: /health answers whenever the worker's event loop does. An orchestrator restarts
+# an unhealthy container, and restarting cures a stuck process but not a MongoDB or Kafka outage: checking
+# /ready here would turn every outage into a restart loop. /ready is for readiness probes and monitoring
+# (docker-compose.yml uses it for the worker's status). The image's other command, `platform`, has no
+# /health: compose gives it its own check.
+HEALTHCHECK --interval=15s --timeout=5s --start-period=60s --retries=3 \
+    CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/health' % os.environ.get('SERVICE_PORT', '8081'), timeout=4)"]
 ENTRYPOINT ["ai-worker"]
 CMD ["run"]

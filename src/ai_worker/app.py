@@ -37,6 +37,7 @@ from ai_worker.messaging.consumer import TaskConsumer
 from ai_worker.messaging.producer import EventProducer
 from ai_worker.messaging.security import describe
 from ai_worker.observability.health import HealthServer
+from ai_worker.observability.worker_checks import worker_readiness
 from ai_worker.platform.clients import PlatformClients
 from ai_worker.providers.breaker import BreakerBoard
 from ai_worker.providers.budget import MongoBudget
@@ -225,7 +226,8 @@ async def _start(settings: Settings, stack: contextlib.AsyncExitStack, stop: asy
                                                                 kafka_options))
     health = HealthServer(settings.service_host, settings.service_port, stats=lambda: {
         "worker_id": settings.worker_id, "in_flight": consumer.in_flight(), "processed": consumer.processed,
-        "dead_lettered": consumer.dead_lettered, "breakers": breakers.snapshot()})
+        "dead_lettered": consumer.dead_lettered, "breakers": breakers.snapshot()},
+        ready=worker_readiness(settings, db, producer, consumer, stop))
     _closing(stack, "health endpoint", health.stop)
     try:
         await health.start()

@@ -48,6 +48,12 @@ class EventProducer:
     async def stop(self) -> None:
         await self._producer.stop()
 
+    async def check_connection(self) -> None:
+        """One metadata round trip with the cluster over the producer's connections (readiness); raises
+        ConnectionError when no broker answered. Bound it with a timeout."""
+        if not await self._producer.client.force_metadata_update():
+            raise ConnectionError("no broker answered a metadata request")
+
     async def publish_task(self, task_id: str, task_type: str, world_id: str) -> None:
         # Keyed by task id so follow-on events spread over partitions.
         event = task_created(task_id, task_type, world_id)
