@@ -1,6 +1,8 @@
 # syntax=docker/dockerfile:1
 # The AI worker image. The same image runs the worker (`ai-worker run`, the default) and the local
 # platform used by docker-compose (`ai-worker platform`). No secrets are baked in: pass them at run time.
+# Outside a container the worker's HTTP endpoint listens on 127.0.0.1; in here it must be reachable from
+# outside the container, so SERVICE_HOST is 0.0.0.0.
 
 FROM python:3.11-slim AS build
 WORKDIR /build
@@ -18,6 +20,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    SERVICE_HOST=0.0.0.0 \
     SERVICE_PORT=8081
 RUN groupadd --system --gid 10001 worker \
     && useradd --system --uid 10001 --gid worker --home-dir /app --shell /usr/sbin/nologin worker

@@ -465,7 +465,8 @@ def dev(
 def platform(
     grpc_port: Annotated[int, typer.Option(help="gRPC port for the four services")] = 50051,
     http_port: Annotated[int, typer.Option(help="HTTP port for presigned uploads")] = 8090,
-    host: Annotated[str, typer.Option(help="Address to listen on")] = "0.0.0.0",
+    host: Annotated[str, typer.Option(help="Address to listen on (0.0.0.0 for every interface: the upload "
+                                           "endpoint has no authentication)")] = "127.0.0.1",
     public_url: Annotated[str | None, typer.Option(help="Base URL put in presigned upload URLs")] = None,
     data_dir: Annotated[Path, typer.Option(help="Where uploaded files are stored")] = Path("platform-data"),
     mongo: MongoOpt = None,

@@ -35,7 +35,7 @@ class Settings(BaseSettings):
 
     # --- service -------------------------------------------------------------------------------
     service_name: str = Field("ai-worker", alias="SERVICE_NAME")
-    service_host: str = Field("0.0.0.0", alias="SERVICE_HOST")
+    service_host: str = Field("127.0.0.1", alias="SERVICE_HOST")  # containers set 0.0.0.0 explicitly
     service_port: int = Field(8081, alias="SERVICE_PORT", ge=0, le=65535)
     worker_id: str = Field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}", alias="WORKER_ID")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", alias="LOG_LEVEL")

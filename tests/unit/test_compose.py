@@ -119,3 +119,13 @@ def test_compose_healthchecks() -> None:
     assert f"127.0.0.1:{port}/ready" in _healthcheck_command(services["worker"])
     assert "50051" in _healthcheck_command(services["platform"])  # the platform serves no /health
     assert services["worker"]["depends_on"]["platform"]["condition"] == "service_healthy"
+
+
+def test_containers_listen_on_every_interface_explicitly(worker_env: dict[str, str]) -> None:
+    """The defaults are 127.0.0.1 (SERVICE_HOST, platform --host); containers must opt in to 0.0.0.0."""
+    assert Settings.model_fields["service_host"].default == "127.0.0.1"
+    assert worker_env["SERVICE_HOST"] == "0.0.0.0"
+    command = _compose()["services"]["platform"]["command"]
+    assert command[command.index("--host") + 1] == "0.0.0.0"
+    text = DOCKERFILE.read_text(encoding="utf-8")
+    assert re.search(r"^\s*SERVICE_HOST=0\.0\.0\.0\b", text, re.MULTILINE), "the image must set SERVICE_HOST=0.0.0.0"
