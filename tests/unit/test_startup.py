@@ -136,3 +136,23 @@ def test_unreachable_line_names_address_and_what_to_check() -> None:
     assert str(exc) == "Kafka at k1:9092,k2:9092 not usable (KafkaConnectionError: no bootstrap server could be " \
                        "connected to); check X"
     assert exc.exit_code == 1
+
+
+def test_library_log_records_are_json_lines_too() -> None:
+    """aiokafka and pymongo log through the stdlib: their lines (tracebacks included) must not break the JSON
+    stream."""
+    import logging
+
+    out = io.StringIO()
+    configure_logging("INFO", stream=out)
+    logging.getLogger("aiokafka").error('Unable connect to "%s:%s": %s', "127.0.0.1", 1, "refused")
+    try:
+        raise ValueError("boom")
+    except ValueError:
+        logging.getLogger("pymongo").warning("with a traceback", exc_info=True)
+    logging.getLogger("aiokafka").info("below WARNING: dropped")
+    lines = [json.loads(line) for line in out.getvalue().splitlines()]  # every line is JSON
+    assert [(line["logger"], line["level"], line["event"]) for line in lines] == [
+        ("aiokafka", "error", 'Unable connect to "127.0.0.1:1": refused'),
+        ("pymongo", "warning", "with a traceback")]
+    assert "ValueError: boom" in lines[1]["exception"] and "timestamp" in lines[0]
