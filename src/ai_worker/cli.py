@@ -11,14 +11,38 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 
+from ai_worker.cli_support import (
+    DEFAULT_MONGO,
+    GLOBAL,
+    DatabaseOpt,
+    DebugOpt,
+    DlqTopicOpt,
+    KafkaOpt,
+    MongoOpt,
+    TimeoutOpt,
+    TopicOpt,
+    mongo_db,
+    resolve,
+    warn,
+)
+from ai_worker.cli_support import run as run_command
 from ai_worker.config import ConfigError, load_settings
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="AI worker: prompt in, populated world out.")
+# Tracebacks (with --debug) never show local variables: they may hold passwords.
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="AI worker: prompt in, populated world out.",
+                  pretty_exceptions_show_locals=False)
 console = Console()
-err_console = Console(stderr=True)
+err_console = Console(stderr=True, soft_wrap=True, highlight=False)
 
 DEFAULT_PROMPT = "A floating archipelago of sky-cities connected by airships, where guilds of cloud-farmers trade"
-DEFAULT_MONGO = "mongodb://localhost:27017"
+
+
+@app.callback()
+def _options(debug: Annotated[bool, typer.Option("--debug", help="Show the traceback of a failure "
+                                                 "(any command; also accepted after the command name)")] = False,
+             ) -> None:
+    """Exit codes: 0 ok, 1 operational failure (a server unreachable, a world failed), 2 usage or configuration."""
+    GLOBAL.debug = debug
 
 
 def _settings_or_exit() -> Any:
@@ -33,11 +57,14 @@ def _settings_or_exit() -> Any:
 def run() -> None:
     """Run the worker: consume task events until SIGTERM/SIGINT (configuration from the environment)."""
     settings = _settings_or_exit()
-    from ai_worker.app import run_worker
+    from ai_worker.app import StartupError, run_worker
     from ai_worker.observability.logging import configure_logging
 
     configure_logging(settings.log_level)
-    asyncio.run(run_worker(settings))
+    try:
+        asyncio.run(run_worker(settings))
+    except StartupError as exc:  # already logged, as one line
+        raise typer.Exit(exc.exit_code) from None
 
 
 @app.command()
@@ -45,137 +72,307 @@ def send(
     prompt: Annotated[str, typer.Option(help="The one-line world idea")] = DEFAULT_PROMPT,
     users: Annotated[int, typer.Option(min=1, help="Number of AI characters")] = 3,
     posts: Annotated[int, typer.Option(min=0, help="Number of posts in total")] = 6,
-    kafka: Annotated[str | None, typer.Option(help="HOST:PORT (default: KAFKA_BROKERS or localhost:9092)")] = None,
-    mongo: Annotated[str | None, typer.Option(help="MongoDB URI (default: MONGODB_URI or localhost)")] = None,
-    database: Annotated[str | None, typer.Option(help="default: MONGODB_DATABASE or generia_ai_worker")] = None,
-    topic: Annotated[str | None, typer.Option(help="default: KAFKA_TOPIC_TASKS or generia-tasks")] = None,
+    kafka: KafkaOpt = None,
+    mongo: MongoOpt = None,
+    database: DatabaseOpt = None,
+    topic: TopicOpt = None,
     budget_usd: Annotated[float | None, typer.Option(min=0, help="Money cap of this world (default: the worker's "
                                                                   "WORLD_BUDGET_USD)")] = None,
+    idempotency_key: Annotated[str | None, typer.Option(
+        help="Derive the world and task ids from KEY: sending again with the same key inserts nothing new and "
+             "only publishes the event again")] = None,
+    timeout: TimeoutOpt = None,
+    debug: DebugOpt = False,
 ) -> None:
-    """Start a world as the platform does: insert the init task in MongoDB and publish its event."""
-    from ai_worker.client import send_world
+    """Start a world as the platform does: insert the init task in MongoDB and publish its event.
+    Kafka is reached first: when it cannot be, nothing is inserted."""
+    from ai_worker.client import start_world
 
-    kafka = kafka or os.environ.get("KAFKA_BROKERS", "localhost:9092")
-    mongo = mongo or os.environ.get("MONGODB_URI", DEFAULT_MONGO)
-    database = database or os.environ.get("MONGODB_DATABASE", "generia_ai_worker")
-    topic = topic or os.environ.get("KAFKA_TOPIC_TASKS", "generia-tasks")
-    try:
+    conn = resolve(mongo=mongo, database=database, kafka=kafka, topic=topic, timeout=timeout, debug=debug)
+
+    async def go() -> int:
         extra = {"budget_usd": budget_usd} if budget_usd is not None else None
-        world_id, task_id = asyncio.run(send_world(kafka=kafka, mongo_uri=mongo, database=database, topic=topic,
-                                                   prompt=prompt, users=users, posts=posts, extra=extra))
-    except Exception as exc:
-        err_console.print(f"[bold red]could not start the world[/]: {type(exc).__name__}: {exc}")
-        raise typer.Exit(1) from None
-    console.print(f"world_id: {world_id}")
-    console.print(f"task_id:  {task_id}")
-    console.print(f"watch it: ai-worker status {world_id} --mongo '{mongo}' --watch")
+        outcome = await start_world(kafka=conn.kafka, mongo_uri=conn.mongo_uri, database=conn.database,
+                                    topic=conn.topic, prompt=prompt, users=users, posts=posts, extra=extra,
+                                    idempotency_key=idempotency_key, kafka_options=conn.kafka_options,
+                                    timeout_s=conn.timeout_s)
+        console.print(f"world_id: {outcome.world_id}")
+        console.print(f"task_id:  {outcome.task_id}")
+        if not outcome.inserted:
+            console.print("already sent with this idempotency key: nothing inserted, event published again"
+                          if outcome.publish_error is None else "already sent with this idempotency key")
+        if outcome.publish_error is not None:
+            interval = conn.settings.reconcile_interval_s
+            warn(f"the task is stored but its event was not published ({outcome.publish_error}). The worker's "
+                 f"reconciler publishes it within about {2 * interval:g} s (2 x RECONCILE_INTERVAL_S); "
+                 f"running send again with the same --idempotency-key cannot start the world twice")
+        console.print(f"watch it: ai-worker status {outcome.world_id} --mongo '{conn.mongo_address}' --watch",
+                      soft_wrap=True)
+        return 0
+
+    run_command(conn, go, doing="send")
 
 
 @app.command()
 def status(
     world_id: str,
-    mongo: Annotated[str | None, typer.Option(help="MongoDB URI (default: MONGODB_URI)")] = None,
-    database: Annotated[str | None, typer.Option()] = None,
+    mongo: MongoOpt = None,
+    database: DatabaseOpt = None,
     watch: Annotated[bool, typer.Option(help="Follow until the world is completed or failed")] = False,
+    timeout: TimeoutOpt = None,
+    debug: DebugOpt = False,
 ) -> None:
-    """Show a world's generation progress (world_generation_status)."""
-    from ai_worker.client import world_status
+    """Show a world's generation progress (world_generation_status). Exit 1 when it failed or is unknown."""
     from ai_worker.views import render_status
+    from ai_worker.worlds.status import WorldStatusStore
 
-    mongo = mongo or os.environ.get("MONGODB_URI", DEFAULT_MONGO)
-    database = database or os.environ.get("MONGODB_DATABASE", "generia_ai_worker")
+    conn = resolve(mongo=mongo, database=database, timeout=timeout, debug=debug)
 
     async def loop() -> int:
-        while True:
-            doc = await world_status(mongo, database, world_id)
-            if doc is None:
-                err_console.print(f"no world_generation_status for {world_id}")
-                return 1
-            if not watch or doc.get("status") in ("completed", "failed"):
+        async with mongo_db(conn) as db:
+            worlds = WorldStatusStore(db)
+            while True:
+                doc = await worlds.get(world_id)
+                if doc is None:
+                    err_console.print(f"no world_generation_status for {world_id} in database {conn.database}")
+                    return 1
                 console.print(render_status(doc))
-                return 0 if doc.get("status") != "failed" else 1
-            console.print(render_status(doc))
-            await asyncio.sleep(2)
+                if not watch or doc.get("status") in ("completed", "failed"):
+                    return 0 if doc.get("status") != "failed" else 1
+                await asyncio.sleep(2)
 
-    raise typer.Exit(asyncio.run(loop()))
+    run_command(conn, loop, doing="status")
 
 
 @app.command()
 def cancel(
     world_id: str,
     reason: Annotated[str, typer.Option(help="Recorded on the tasks and the world")] = "cancelled by operator",
-    mongo: Annotated[str | None, typer.Option(help="MongoDB URI (default: MONGODB_URI)")] = None,
-    database: Annotated[str | None, typer.Option()] = None,
+    mongo: MongoOpt = None,
+    database: DatabaseOpt = None,
+    timeout: TimeoutOpt = None,
+    debug: DebugOpt = False,
 ) -> None:
     """Cancel a world: its non-terminal tasks become `cancelled`, the world `failed` with the reason.
     Running jobs notice at their next step (their lease renewal fails) and stop without side effects."""
-    from pymongo import AsyncMongoClient
-
     from ai_worker.jobs import build_registry
     from ai_worker.tasks.operations import cancel_world
 
-    mongo = mongo or os.environ.get("MONGODB_URI", DEFAULT_MONGO)
-    database = database or os.environ.get("MONGODB_DATABASE", "generia_ai_worker")
+    conn = resolve(mongo=mongo, database=database, timeout=timeout, debug=debug)
 
     async def go() -> int:
-        client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(mongo, tz_aware=True)
-        try:
-            report = await cancel_world(client[database], build_registry(), world_id, reason)
-            console.print(f"cancelled {report.tasks_cancelled} task(s); world "
-                          f"{'marked failed' if report.world_failed else 'was already terminal'}")
-            return 0
-        finally:
-            await client.close()
+        async with mongo_db(conn) as db:
+            report = await cancel_world(db, build_registry(), world_id, reason)
+        console.print(f"cancelled {report.tasks_cancelled} task(s); world "
+                      f"{'marked failed' if report.world_failed else 'was already terminal'}")
+        return 0
 
-    raise typer.Exit(asyncio.run(go()))
+    run_command(conn, go, doing="cancel")
+
+
+@app.command()
+def retry(
+    target: Annotated[str, typer.Argument(help="A world id (all its failed tasks) or a task id")],
+    budget_usd: Annotated[float | None, typer.Option(min=0, help="Raise the world's money cap to this many USD "
+                                                                  "(needed when it failed on its budget)")] = None,
+    kafka: KafkaOpt = None,
+    mongo: MongoOpt = None,
+    database: DatabaseOpt = None,
+    topic: TopicOpt = None,
+    timeout: TimeoutOpt = None,
+    debug: DebugOpt = False,
+) -> None:
+    """Put a world's failed (or cancelled) tasks, or one failed task, back to pending with fresh attempts.
+    Memoised steps are kept, so nothing paid or created is done again; a finished world goes back to
+    in_progress. Their events are published; without Kafka the workers' reconciler starts them."""
+    from ai_worker.client import EventPublisher
+    from ai_worker.jobs import build_registry
+    from ai_worker.tasks import operations
+    from ai_worker.worlds.status import WorldStatusStore
+
+    conn = resolve(mongo=mongo, database=database, kafka=kafka, topic=topic, timeout=timeout, debug=debug)
+
+    async def go() -> int:
+        async with mongo_db(conn) as db:
+            is_world = await WorldStatusStore(db).get_state(target) is not None
+            sender = EventPublisher(conn.kafka, conn.topic, kafka_options=conn.kafka_options, timeout_s=conn.timeout_s)
+            publisher: EventPublisher | None = sender
+            try:
+                await sender.start()
+            except Exception as exc:
+                warn(f"events not published ({exc}); the workers' reconciler starts the tasks within about "
+                     f"{2 * conn.settings.reconcile_interval_s:g} s")
+                publisher = None
+            try:
+                report = await operations.retry(db, build_registry(), world_id=target if is_world else None,
+                                                task_id=None if is_world else target, budget_usd=budget_usd,
+                                                publisher=publisher)
+            finally:
+                if publisher is not None:
+                    await publisher.stop()
+        for message in report.warnings:
+            warn(message)
+        what = "world" if is_world else "task"
+        console.print(f"{what} {target}: {report.tasks_requeued} task(s) put back to pending, "
+                      f"{report.published} event(s) published"
+                      + (f"; world(s) reopened: {', '.join(report.worlds_reopened)}" if report.worlds_reopened else ""),
+                      soft_wrap=True)
+        return 0 if report.tasks_requeued else 1
+
+    run_command(conn, go, doing="retry")
+
+
+def _wide() -> Console:
+    """The console for tables: the terminal's width, or a wide one when the output goes to a file or a pipe (the
+    80 columns rich assumes there would cut the ids; scripts should use --json)."""
+    return console if console.is_terminal else Console(width=240)
+
+
+WORLD_STATUSES = ("pending", "in_progress", "completed", "failed")
+TASK_STATUSES = ("pending", "in_progress", "completed", "failed", "cancelled")
+
+
+def _choice(value: str | None, allowed: tuple[str, ...], option: str) -> str | None:
+    if value is not None and value not in allowed:
+        raise typer.BadParameter(f"{value!r} is not one of {', '.join(allowed)}", param_hint=option)
+    return value
+
+
+@app.command()
+def worlds(
+    status: Annotated[str | None, typer.Option(help="Only worlds in this status: " + ", ".join(WORLD_STATUSES))
+                      ] = None,
+    since: Annotated[str | None, typer.Option(help="Only worlds created within this age: 30m, 24h, 7d, ...")] = None,
+    limit: Annotated[int, typer.Option(min=1, max=10000, help="At most this many, newest first")] = 20,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table")] = False,
+    mongo: MongoOpt = None,
+    database: DatabaseOpt = None,
+    timeout: TimeoutOpt = None,
+    debug: DebugOpt = False,
+) -> None:
+    """Recent worlds, newest first: status, stage, progress, characters, posts, cost."""
+    import json
+    from datetime import UTC, datetime
+
+    from ai_worker.listing import parse_age, render_worlds, world_row
+    from ai_worker.worlds.status import WorldStatusStore
+
+    _choice(status, WORLD_STATUSES, "--status")
+    try:
+        age = parse_age(since) if since is not None else None
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--since") from None
+    conn = resolve(mongo=mongo, database=database, timeout=timeout, debug=debug)
+
+    async def go() -> int:
+        cutoff = datetime.now(UTC) - age if age is not None else None
+        async with mongo_db(conn) as db:
+            docs = await WorldStatusStore(db).recent(status, cutoff, limit)
+        if as_json:
+            console.print_json(json.dumps([world_row(d) for d in docs], default=str))
+            return 0
+        what = " ".join(filter(None, [status, f"created in the last {since}" if since else None]))
+        _wide().print(render_worlds(docs, f"{len(docs)} world(s){' ' + what if what else ''}, newest first"))
+        return 0
+
+    run_command(conn, go, doing="worlds")
+
+
+@app.command()
+def tasks(
+    world_id: str,
+    status: Annotated[str | None, typer.Option(help="Only tasks in this status: " + ", ".join(TASK_STATUSES))] = None,
+    task_type: Annotated[str | None, typer.Option("--type", help="Only tasks of this type, e.g. generate_post")] = None,
+    limit: Annotated[int, typer.Option(min=1, max=100000, help="At most this many, oldest first")] = 200,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table")] = False,
+    mongo: MongoOpt = None,
+    database: DatabaseOpt = None,
+    timeout: TimeoutOpt = None,
+    debug: DebugOpt = False,
+) -> None:
+    """A world's tasks in creation order, with their attempts and error types (e.g. --status failed)."""
+    import json
+
+    from ai_worker.listing import error_summary, render_tasks, task_row
+    from ai_worker.tasks.store import TaskStore
+
+    _choice(status, TASK_STATUSES, "--status")
+    conn = resolve(mongo=mongo, database=database, timeout=timeout, debug=debug)
+
+    async def go() -> int:
+        async with mongo_db(conn) as db:
+            docs = await TaskStore(db).list_for_world(world_id, status, task_type, limit)
+        if as_json:
+            console.print_json(json.dumps([task_row(d) for d in docs], default=str))
+            return 0
+        if not docs:
+            filters = " ".join(f"{k} {v}" for k, v in (("status", status), ("type", task_type)) if v)
+            err_console.print(f"no tasks for world {world_id}{' with ' + filters if filters else ''} "
+                              f"in database {conn.database}")
+            return 1 if not (status or task_type) else 0
+        _wide().print(render_tasks(docs, f"world {world_id}: {len(docs)} task(s)"
+                                         f"{' (limit reached)' if len(docs) == limit else ''}"))
+        summary = error_summary(docs)
+        if summary:
+            console.print(summary)
+        return 0
+
+    run_command(conn, go, doing="tasks")
 
 
 dlq_app = typer.Typer(help="The dead-letter topic: list and replay.", no_args_is_help=True)
 app.add_typer(dlq_app, name="dlq")
 
 
-def _kafka_defaults(kafka: str | None, topic: str | None, dlq_topic: str | None) -> tuple[list[str], str, str]:
-    brokers = (kafka or os.environ.get("KAFKA_BROKERS", "localhost:9092")).split(",")
-    return (brokers, topic or os.environ.get("KAFKA_TOPIC_TASKS", "generia-tasks"),
-            dlq_topic or os.environ.get("KAFKA_TOPIC_DLQ", "generia-tasks-dlq"))
-
-
 @dlq_app.command("list")
 def dlq_list(
-    kafka: Annotated[str | None, typer.Option(help="HOST:PORT (default: KAFKA_BROKERS)")] = None,
-    dlq_topic: Annotated[str | None, typer.Option(help="default: KAFKA_TOPIC_DLQ")] = None,
+    kafka: KafkaOpt = None,
+    dlq_topic: DlqTopicOpt = None,
     limit: Annotated[int, typer.Option(min=1)] = 100,
+    timeout: TimeoutOpt = None,
+    debug: DebugOpt = False,
 ) -> None:
     """Show dead-lettered messages with their reason and source (reads from the start, commits nothing)."""
-    from ai_worker.messaging.dlq import read_dead_letters
+    from ai_worker.messaging.dlq import dead_letter_reader
 
-    brokers, _, dlq = _kafka_defaults(kafka, None, dlq_topic)
+    conn = resolve(kafka=kafka, dlq_topic=dlq_topic, timeout=timeout, debug=debug)
 
-    async def go() -> None:
-        consumer, letters = await read_dead_letters(brokers, dlq, None, limit)
-        await consumer.stop()
+    async def go() -> int:
+        async with dead_letter_reader(conn.kafka, conn.dlq_topic, None, limit, options=conn.kafka_options,
+                                      timeout_s=conn.timeout_s) as (_, letters):
+            pass
         for letter in letters:
             preview = (letter.value or b"")[:120].decode(errors="replace")
-            console.print(f"{letter.partition}@{letter.offset} from {letter.source}: {letter.reason}\n    {preview!r}")
+            console.print(f"{letter.partition}@{letter.offset} from {letter.source}: {letter.reason}\n    {preview!r}",
+                          markup=False)
         console.print(f"{len(letters)} message(s)")
+        return 0
 
-    asyncio.run(go())
+    run_command(conn, go, doing="dlq list")
 
 
 @dlq_app.command("replay")
 def dlq_replay(
-    kafka: Annotated[str | None, typer.Option(help="HOST:PORT (default: KAFKA_BROKERS)")] = None,
-    topic: Annotated[str | None, typer.Option(help="Tasks topic (default: KAFKA_TOPIC_TASKS)")] = None,
-    dlq_topic: Annotated[str | None, typer.Option(help="default: KAFKA_TOPIC_DLQ")] = None,
+    kafka: KafkaOpt = None,
+    topic: TopicOpt = None,
+    dlq_topic: DlqTopicOpt = None,
     group: Annotated[str, typer.Option(help="Group that remembers what was replayed")] = "ai-worker-dlq-replay",
     limit: Annotated[int, typer.Option(min=1)] = 1000,
+    timeout: TimeoutOpt = None,
+    debug: DebugOpt = False,
 ) -> None:
     """Re-publish dead-lettered messages (original bytes, key and headers) onto the tasks topic."""
     from ai_worker.messaging.dlq import replay
 
-    brokers, tasks, dlq = _kafka_defaults(kafka, topic, dlq_topic)
-    letters = asyncio.run(replay(brokers, dlq, tasks, group, limit))
-    console.print(f"replayed {len(letters)} message(s) from {dlq} to {tasks}")
+    conn = resolve(kafka=kafka, topic=topic, dlq_topic=dlq_topic, timeout=timeout, debug=debug)
+
+    async def go() -> int:
+        letters = await replay(conn.kafka, conn.dlq_topic, conn.topic, group, limit, options=conn.kafka_options,
+                               timeout_s=conn.timeout_s)
+        console.print(f"replayed {len(letters)} message(s) from {conn.dlq_topic} to {conn.topic}")
+        return 0
+
+    run_command(conn, go, doing="dlq replay")
 
 
 models_app = typer.Typer(help="The model registry and per-model statistics.", no_args_is_help=True)
@@ -218,49 +415,42 @@ def models_stats(
     days: Annotated[int, typer.Option(min=1, help="UTC days to cover, today included")] = 1,
     world: Annotated[str | None, typer.Option(help="Exact figures for one world, from api_requests_history")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table")] = False,
-    mongo: Annotated[str | None, typer.Option(help="MongoDB URI (default: MONGODB_URI)")] = None,
-    database: Annotated[str | None, typer.Option()] = None,
+    mongo: MongoOpt = None,
+    database: DatabaseOpt = None,
+    timeout: TimeoutOpt = None,
+    debug: DebugOpt = False,
 ) -> None:
     """Per-model performance: calls, success rate, fallbacks, p50/p95 latency, tokens, cost."""
     import json
 
-    from pymongo import AsyncMongoClient
     from rich.table import Table
 
     from ai_worker.providers.history import MongoRecorder
     from ai_worker.providers.stats import ModelStatsStore, rows_from_history
 
-    mongo = mongo or os.environ.get("MONGODB_URI", DEFAULT_MONGO)
-    database = database or os.environ.get("MONGODB_DATABASE", "generia_ai_worker")
+    conn = resolve(mongo=mongo, database=database, timeout=timeout, debug=debug)
 
-    async def go() -> list[dict[str, Any]]:
-        client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(mongo, tz_aware=True,
-                                                                     serverSelectionTimeoutMS=10000)
-        try:
-            db = client[database]
-            rows = (rows_from_history(await MongoRecorder(db).world_records(world)) if world is not None
-                    else await ModelStatsStore(db).rows(days=days))
-            return [row.as_dict() for row in rows]
-        finally:
-            await client.close()
+    async def go() -> int:
+        async with mongo_db(conn) as db:
+            found = (rows_from_history(await MongoRecorder(db).world_records(world)) if world is not None
+                     else await ModelStatsStore(db).rows(days=days))
+        rows = [row.as_dict() for row in found]
+        if as_json:
+            console.print_json(json.dumps(rows))
+            return 0
+        table = Table("type", "model", "provider", "calls", "ok %", "fallbacks", "p50 ms", "p95 ms", "tokens in",
+                      "tokens out", "cost $", title=f"world {world}" if world else f"last {days} day(s), UTC")
+        for r in rows:
+            table.add_row(r["api_type"], r["model"], str(r["provider"] or "-"), str(r["calls"]),
+                          f"{100 * r['success_rate']:.1f}", str(r["fallbacks"]), f"{r['p50_ms']:.0f}",
+                          f"{r['p95_ms']:.0f}", str(r["prompt_tokens"]), str(r["completion_tokens"]),
+                          f"{r['cost']:.4f}")
+        console.print(table)
+        if not rows:
+            console.print("no provider calls recorded" + (f" for world {world}" if world else " in that period"))
+        return 0
 
-    try:
-        rows = asyncio.run(go())
-    except Exception as exc:
-        err_console.print(f"[bold red]could not read the statistics[/]: {type(exc).__name__}: {exc}")
-        raise typer.Exit(1) from None
-    if as_json:
-        console.print_json(json.dumps(rows))
-        return
-    table = Table("type", "model", "provider", "calls", "ok %", "fallbacks", "p50 ms", "p95 ms", "tokens in",
-                  "tokens out", "cost $", title=f"world {world}" if world else f"last {days} day(s), UTC")
-    for r in rows:
-        table.add_row(r["api_type"], r["model"], str(r["provider"] or "-"), str(r["calls"]),
-                      f"{100 * r['success_rate']:.1f}", str(r["fallbacks"]), f"{r['p50_ms']:.0f}",
-                      f"{r['p95_ms']:.0f}", str(r["prompt_tokens"]), str(r["completion_tokens"]), f"{r['cost']:.4f}")
-    console.print(table)
-    if not rows:
-        console.print("no provider calls recorded" + (f" for world {world}" if world else " in that period"))
+    run_command(conn, go, doing="models stats")
 
 
 @app.command("console")
@@ -327,33 +517,41 @@ def dev(
 def platform(
     grpc_port: Annotated[int, typer.Option(help="gRPC port for the four services")] = 50051,
     http_port: Annotated[int, typer.Option(help="HTTP port for presigned uploads")] = 8090,
-    host: Annotated[str, typer.Option(help="Address to listen on")] = "0.0.0.0",
+    host: Annotated[str, typer.Option(help="Address to listen on (0.0.0.0 for every interface: the upload "
+                                           "endpoint has no authentication)")] = "127.0.0.1",
     public_url: Annotated[str | None, typer.Option(help="Base URL put in presigned upload URLs")] = None,
     data_dir: Annotated[Path, typer.Option(help="Where uploaded files are stored")] = Path("platform-data"),
-    mongo: Annotated[str | None, typer.Option(help="MongoDB URI (default: MONGODB_URI)")] = None,
+    mongo: MongoOpt = None,
+    timeout: TimeoutOpt = None,
+    debug: DebugOpt = False,
 ) -> None:
     """Run the local platform (Character/Media/Post/World over gRPC + the upload endpoint)."""
+    import signal
+
     from ai_worker.devstack.platform_server import LocalPlatform
     from ai_worker.observability.logging import configure_logging
 
+    conn = resolve(mongo=mongo, timeout=timeout, debug=debug)
     configure_logging(os.environ.get("LOG_LEVEL", "INFO"))
-    mongo_uri = mongo or os.environ.get("MONGODB_URI", DEFAULT_MONGO)
 
-    async def serve() -> None:
-        server = LocalPlatform(mongo_uri=mongo_uri, data_dir=data_dir, host=host, grpc_port=grpc_port,
+    async def serve() -> int:
+        async with mongo_db(conn):  # reachable, before anything listens
+            pass
+        server = LocalPlatform(mongo_uri=conn.mongo_uri, data_dir=data_dir, host=host, grpc_port=grpc_port,
                                http_port=http_port, public_url=public_url)
-        await server.start()
-        console.print(f"local platform: gRPC {server.grpc_address}, uploads {server.upload_base_url}")
-        stop = asyncio.Event()
-        import signal
+        try:
+            await server.start()
+            console.print(f"local platform: gRPC {server.grpc_address}, uploads {server.upload_base_url}")
+            stop = asyncio.Event()
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, stop.set)
+            await stop.wait()
+        finally:
+            await server.stop()
+        return 0
 
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        await stop.wait()
-        await server.stop()
-
-    asyncio.run(serve())
+    run_command(conn, serve, doing="platform")
 
 
 def main() -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import socket
 from functools import cached_property
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import AliasChoices, Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
@@ -35,7 +35,7 @@ class Settings(BaseSettings):
 
     # --- service -------------------------------------------------------------------------------
     service_name: str = Field("ai-worker", alias="SERVICE_NAME")
-    service_host: str = Field("0.0.0.0", alias="SERVICE_HOST")
+    service_host: str = Field("127.0.0.1", alias="SERVICE_HOST")  # containers set 0.0.0.0 explicitly
     service_port: int = Field(8081, alias="SERVICE_PORT", ge=0, le=65535)
     worker_id: str = Field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}", alias="WORKER_ID")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", alias="LOG_LEVEL")
@@ -54,6 +54,16 @@ class Settings(BaseSettings):
     kafka_session_timeout_ms: int = Field(10000, alias="KAFKA_SESSION_TIMEOUT_MS", ge=1000)
     kafka_heartbeat_interval_ms: int = Field(3000, alias="KAFKA_HEARTBEAT_INTERVAL_MS", ge=100)
     kafka_topic_partitions: int = Field(8, alias="KAFKA_TOPIC_PARTITIONS", ge=1)
+    kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = Field(
+        "PLAINTEXT", alias="KAFKA_SECURITY_PROTOCOL")
+    kafka_sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] = Field(
+        "PLAIN", alias="KAFKA_SASL_MECHANISM")
+    kafka_sasl_username: str | None = Field(None, alias="KAFKA_SASL_USERNAME")
+    kafka_sasl_password: str | None = Field(None, alias="KAFKA_SASL_PASSWORD", repr=False)
+    kafka_ssl_cafile: str | None = Field(None, alias="KAFKA_SSL_CAFILE")
+    kafka_ssl_certfile: str | None = Field(None, alias="KAFKA_SSL_CERTFILE")
+    kafka_ssl_keyfile: str | None = Field(None, alias="KAFKA_SSL_KEYFILE")
+    kafka_ssl_key_password: str | None = Field(None, alias="KAFKA_SSL_KEY_PASSWORD", repr=False)
 
     # --- LLM -----------------------------------------------------------------------------------
     openrouter_api_key: str | None = Field(None, alias="OPENROUTER_API_KEY", repr=False)
@@ -110,11 +120,18 @@ class Settings(BaseSettings):
     task_max_attempts: dict[str, int] = Field(default_factory=dict, alias="TASK_MAX_ATTEMPTS")
     task_timeouts_s: dict[str, float] = Field(default_factory=dict, alias="TASK_TIMEOUTS_S")
     reconcile_interval_s: float = Field(10.0, alias="RECONCILE_INTERVAL_S", gt=0)
+    startup_timeout_s: float = Field(30.0, alias="STARTUP_TIMEOUT_S", gt=0)
+    cli_timeout_s: float = Field(5.0, alias="CLI_TIMEOUT_S", gt=0)
 
     # --- web console (`ai-worker console`) -----------------------------------------------------
     console_host: str = Field("127.0.0.1", alias="CONSOLE_HOST")
     console_port: int = Field(8082, alias="CONSOLE_PORT", ge=0, le=65535)
     console_token: str | None = Field(None, alias="CONSOLE_TOKEN", repr=False)
+
+    # --- retention (TTL indexes, see retention.py); 0 = keep forever -------------------------------
+    task_retention_days: float = Field(30.0, alias="TASK_RETENTION_DAYS", ge=0)
+    history_retention_days: float = Field(30.0, alias="HISTORY_RETENTION_DAYS", ge=0)
+    model_stats_retention_days: float = Field(400.0, alias="MODEL_STATS_RETENTION_DAYS", ge=0)
 
     # --- accepted for compatibility with the worker we replace (see README) ---------------------
     minio_endpoint: str | None = Field(None, alias="MINIO_ENDPOINT")
@@ -135,6 +152,13 @@ class Settings(BaseSettings):
     @cached_property
     def kafka_bootstrap(self) -> list[str]:
         return [b.strip() for b in self.kafka_brokers.split(",") if b.strip()]
+
+    @cached_property
+    def kafka_options(self) -> dict[str, Any]:
+        """Security keyword arguments of every aiokafka client (raises ConfigError naming the variable)."""
+        from ai_worker.messaging.security import kafka_options
+
+        return kafka_options(self)
 
     @cached_property
     def models(self) -> ModelRegistry:
@@ -170,6 +194,7 @@ class Settings(BaseSettings):
 
     def check_runtime(self) -> None:
         """Checks that need more than one variable; raises ConfigError naming the variable."""
+        _ = self.kafka_options
         try:
             missing = self.models.missing_keys()
         except RegistryError as exc:

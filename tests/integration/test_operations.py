@@ -3,7 +3,10 @@ the characters and posts asked for and nothing created twice."""
 
 from __future__ import annotations
 
+import asyncio
 import collections
+import subprocess
+import sys
 
 import pytest
 from support import WorkerEnv, mongo, wait_world
@@ -27,11 +30,14 @@ async def test_retry_of_a_world_failed_on_its_budget_completes_it_without_duplic
 
         with pytest.raises(ValueError):
             await operations.retry(db, build_registry())
-        report = await operations.retry(db, build_registry(), world_id=world_id, budget_usd=5.0)
-        assert report.tasks_requeued > 0 and report.worlds_reopened == [world_id]
-        reopened = await db["world_generation_status"].find_one({"_id": world_id})
-        assert reopened["status"] == "in_progress" and "failure_reason" not in reopened
-        assert reopened["tasks_failed"] == failed["tasks_failed"] - report.tasks_requeued
+        requeue = await db["tasks"].count_documents({"world_id": world_id, "status": {"$in": ["failed", "cancelled"]}})
+        command = [sys.executable, "-m", "ai_worker", "retry", world_id, "--budget-usd", "5", "--mongo",
+                   wenv.info.mongo_uri, "--database", wenv.database, "--kafka", wenv.info.kafka_bootstrap,
+                   "--topic", wenv.tasks_topic]
+        res = await asyncio.to_thread(subprocess.run, command, capture_output=True, text=True, timeout=60,
+                                      check=False, env=wenv.env())
+        assert res.returncode == 0, res.stdout + res.stderr
+        assert f"{requeue} task(s) put back to pending, {requeue} event(s) published" in res.stdout, res.stdout
 
         done = await wait_world(client, wenv.database, world_id, procs=[worker], timeout_s=120)
         assert done["status"] == "completed", done.get("failure_reason")

@@ -96,3 +96,36 @@ def test_dockerfile_runs_unprivileged_without_secrets() -> None:
             assert not secret, f"secret in Dockerfile: {ln}"
     assert 'ENTRYPOINT ["ai-worker"]' in lines
     assert "EXPOSE 8081" in lines
+
+
+def _healthcheck_command(service: dict[str, Any]) -> str:
+    test = service["healthcheck"]["test"]
+    assert test[0] in ("CMD", "CMD-SHELL")
+    return " ".join(test[1:])
+
+
+def test_dockerfile_healthcheck_is_liveness() -> None:
+    text = DOCKERFILE.read_text(encoding="utf-8").replace("\\\n", " ")
+    checks = [ln.strip() for ln in text.splitlines() if ln.strip().upper().startswith("HEALTHCHECK")]
+    assert len(checks) == 1, checks
+    assert "/health'" in checks[0] and "/ready" not in checks[0]  # a restart cures a stuck loop, not an outage
+    assert "SERVICE_PORT" in checks[0]
+
+
+def test_compose_healthchecks() -> None:
+    services = _compose()["services"]
+    assert "/ready" in _healthcheck_command(services["worker"])
+    port = _environment(services["worker"])["SERVICE_PORT"]
+    assert f"127.0.0.1:{port}/ready" in _healthcheck_command(services["worker"])
+    assert "50051" in _healthcheck_command(services["platform"])  # the platform serves no /health
+    assert services["worker"]["depends_on"]["platform"]["condition"] == "service_healthy"
+
+
+def test_containers_listen_on_every_interface_explicitly(worker_env: dict[str, str]) -> None:
+    """The defaults are 127.0.0.1 (SERVICE_HOST, platform --host); containers must opt in to 0.0.0.0."""
+    assert Settings.model_fields["service_host"].default == "127.0.0.1"
+    assert worker_env["SERVICE_HOST"] == "0.0.0.0"
+    command = _compose()["services"]["platform"]["command"]
+    assert command[command.index("--host") + 1] == "0.0.0.0"
+    text = DOCKERFILE.read_text(encoding="utf-8")
+    assert re.search(r"^\s*SERVICE_HOST=0\.0\.0\.0\b", text, re.MULTILINE), "the image must set SERVICE_HOST=0.0.0.0"

@@ -21,6 +21,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from ai_worker.client import send_world
+from ai_worker.devstack.processes import free_port
 from ai_worker.devstack.stack import EmbeddedStack, StackInfo
 from ai_worker.views import render_status
 
@@ -31,16 +32,19 @@ WORKER_DB = "generia_ai_worker"
 
 
 def start_worker(info: StackInfo, log_path: Path, *, real_llm: bool, extra: dict[str, str] | None = None,
-                 worker_id: str | None = None) -> subprocess.Popen[bytes]:
-    """`python -m ai_worker run` against the stack, logs to `log_path`."""
-    env = {**os.environ, **info.worker_env(real_llm=real_llm), "SERVICE_PORT": "0"}
+                 worker_id: str | None = None, port: int = 0) -> subprocess.Popen[bytes]:
+    """`python -m ai_worker run` against the stack, logs to `log_path`, its HTTP endpoint on 127.0.0.1:`port`
+    (0: any free port). Like the stack's servers it runs in its own session: a signal from the terminal (Ctrl-C,
+    or SIGHUP when the terminal closes) reaches only us, and we stop the worker (drained) before the stack."""
+    env = {**os.environ, **info.worker_env(real_llm=real_llm), "SERVICE_HOST": "127.0.0.1",
+           "SERVICE_PORT": str(port)}
     if worker_id:
         env["WORKER_ID"] = worker_id
     env.update(extra or {})
     log_path.parent.mkdir(parents=True, exist_ok=True)
     out = open(log_path, "ab")  # noqa: SIM115 - handed to the child process
     return subprocess.Popen([sys.executable, "-m", "ai_worker", "run"], env=env, stdout=out,
-                            stderr=subprocess.STDOUT)
+                            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
 
 
 def stop_process(proc: subprocess.Popen[bytes], timeout_s: float = 40.0) -> None:
@@ -128,8 +132,51 @@ async def start_demo_console(info: StackInfo, console: Console) -> ConsoleServer
     return None
 
 
+# Signals that stop `dev` the way Ctrl-C does: SIGHUP arrives when the terminal closes, SIGTERM from `kill`.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+def _on_stop_signals(console: Console) -> tuple[list[signal.Signals], Any]:
+    """Cancel the running demo (once) on any of STOP_SIGNALS, so its `finally` stops the worker and the stack;
+    returns the list that records the signal, and a function that removes the handlers."""
+    loop = asyncio.get_running_loop()
+    main = asyncio.current_task()
+    received: list[signal.Signals] = []
+
+    def handle(sig: signal.Signals) -> None:
+        if received:  # already stopping: a second Ctrl-C must not cut the clean-up short
+            console.print(f"{sig.name}: still stopping the worker and the stack...")
+            return
+        received.append(sig)
+        console.print(f"{sig.name}: stopping the worker and the stack...")
+        if main is not None:
+            main.cancel()
+
+    for sig in STOP_SIGNALS:
+        loop.add_signal_handler(sig, handle, sig)
+
+    def remove() -> None:
+        for sig in STOP_SIGNALS:
+            with contextlib.suppress(Exception):
+                loop.remove_signal_handler(sig)
+
+    return received, remove
+
+
 async def run_demo(*, prompt: str, users: int, posts: int, data_dir: Path | None, keep: bool, timeout_s: float,
                    console: Console) -> int:
+    """The demo; returns the exit code (0 only if the world completed; 128 + the signal's number when stopped
+    by SIGINT, SIGTERM or SIGHUP, after everything was stopped)."""
+    received, remove_handlers = _on_stop_signals(console)
+    try:
+        return await _demo(prompt=prompt, users=users, posts=posts, data_dir=data_dir, keep=keep,
+                           timeout_s=timeout_s, console=console, received=received)
+    finally:
+        remove_handlers()
+
+
+async def _demo(*, prompt: str, users: int, posts: int, data_dir: Path | None, keep: bool, timeout_s: float,
+                console: Console, received: list[signal.Signals]) -> int:
     real_llm = bool(os.environ.get("OPENROUTER_API_KEY"))
     temp = data_dir is None
     root = Path(tempfile.mkdtemp(prefix="ai-worker-dev-")) if data_dir is None else data_dir
@@ -138,12 +185,16 @@ async def run_demo(*, prompt: str, users: int, posts: int, data_dir: Path | None
     worker: subprocess.Popen[bytes] | None = None
     web: ConsoleServer | None = None
     code = 1
+    kept = False  # waiting in --keep mode: a stop signal is the expected end, the world's result stands
     try:
         with console.status("starting Kafka (tansu), MongoDB (SecantusDB), simulator and local platform..."):
             info = await stack.start()
         console.print(f"stack up: kafka {info.kafka_bootstrap}, mongo {info.mongo_uri}, "
                       f"{'real LLM/image APIs' if real_llm else 'provider simulator ' + str(info.simulator_url)}")
-        worker = start_worker(info, root / "logs" / "worker.log", real_llm=real_llm)
+        port = free_port()
+        worker = start_worker(info, root / "logs" / "worker.log", real_llm=real_llm, port=port)
+        console.print(f"worker: pid {worker.pid}, http://127.0.0.1:{port}/health (also /ready, /stats, /metrics), "
+                      f"log {root / 'logs' / 'worker.log'}", soft_wrap=True)
         web = await start_demo_console(info, console)
         world_id, _ = await send_world(kafka=info.kafka_bootstrap, mongo_uri=info.mongo_uri, database=WORKER_DB,
                                        topic=info.topics.get("tasks", "generia-tasks"), prompt=prompt,
@@ -179,16 +230,20 @@ async def run_demo(*, prompt: str, users: int, posts: int, data_dir: Path | None
         if code:
             console.print(f"[bold red]world {status.get('status')}[/]; worker log: {root / 'logs' / 'worker.log'}")
         if keep:
-            console.print("[bold]--keep[/]: everything stays up until Ctrl-C")
+            console.print("[bold]--keep[/]: everything stays up until Ctrl-C (or SIGTERM, or the terminal closes)")
             console.print(info.to_json())
+            console.print(f"worker endpoint: http://127.0.0.1:{port}/health, /ready, /stats, /metrics")
             for k, v in sorted(info.worker_env(real_llm=real_llm).items()):
                 if "KEY" not in k:
                     console.print(f"  {k}={v}")
-            stop = asyncio.Event()
-            loop = asyncio.get_running_loop()
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                loop.add_signal_handler(sig, stop.set)
-            await stop.wait()
+            kept = True
+            await asyncio.Event().wait()  # until a stop signal cancels us
+    except asyncio.CancelledError:
+        if not received:
+            raise
+        if not kept:
+            code = 128 + received[0].value
+            console.print(f"interrupted; logs: {root / 'logs'}")
     except (RuntimeError, TimeoutError, OSError) as exc:
         console.print(f"[bold red]dev run failed[/]: {exc}")
         console.print(f"logs: {root / 'logs'}")

@@ -4,7 +4,8 @@ restart that lost them)."""
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import structlog
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
@@ -13,11 +14,13 @@ from aiokafka.errors import TopicAlreadyExistsError
 log = structlog.get_logger(__name__)
 
 
-async def ensure_topics(bootstrap: Sequence[str], topics: Sequence[str], partitions: int) -> list[str]:
-    """Create the topics that do not exist yet; returns the ones created."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=list(bootstrap), request_timeout_ms=15000)
-    await admin.start()
+async def ensure_topics(bootstrap: Sequence[str], topics: Sequence[str], partitions: int,
+                        options: Mapping[str, Any] | None = None) -> list[str]:
+    """Create the topics that do not exist yet; returns the ones created. `options`: security keyword
+    arguments (messaging.security.kafka_options)."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=list(bootstrap), request_timeout_ms=15000, **dict(options or {}))
     try:
+        await admin.start()
         existing = set(await admin.list_topics())
         missing = [t for t in topics if t not in existing]
         if not missing:

@@ -7,12 +7,17 @@ message that is still bad simply returns to the DLQ)."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+import contextlib
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
+from ai_worker.connectivity import start_kafka
+
 DLQ_HEADER_PREFIX = "x-dlq-"
+DEFAULT_TIMEOUT_S = 15.0
 
 
 @dataclass
@@ -44,23 +49,44 @@ def original_headers(letter: DeadLetter) -> list[tuple[str, bytes]]:
     return [(k, v) for k, v in letter.headers if not k.startswith(DLQ_HEADER_PREFIX)]
 
 
+def _request_timeout_ms(timeout_s: float) -> int:
+    return max(int(timeout_s * 1000), 1000)
+
+
 async def read_dead_letters(bootstrap: Sequence[str], dlq_topic: str, group_id: str | None, limit: int,
-                            idle_s: float = 1.5) -> tuple[AIOKafkaConsumer, list[DeadLetter]]:
+                            idle_s: float = 1.5, *, options: Mapping[str, Any] | None = None,
+                            timeout_s: float = DEFAULT_TIMEOUT_S) -> tuple[AIOKafkaConsumer, list[DeadLetter]]:
     """Read up to `limit` dead letters, from the group's committed position (or the start) of every
-    partition. Partitions are assigned, not subscribed: no group join, so no rebalance waits; the group
-    id only names where replay positions are committed."""
+    partition; the caller stops the returned consumer (`dead_letter_reader` does it for you). Partitions are
+    assigned, not subscribed: no group join, so no rebalance waits; the group id only names where replay
+    positions are committed. `options`: Kafka security settings (messaging.security.kafka_options);
+    connecting is bounded by `timeout_s` (raises connectivity.Unreachable)."""
     consumer = AIOKafkaConsumer(bootstrap_servers=list(bootstrap), group_id=group_id, enable_auto_commit=False,
-                                auto_offset_reset="earliest")
+                                auto_offset_reset="earliest", request_timeout_ms=_request_timeout_ms(timeout_s),
+                                **dict(options or {}))
     try:
+        await start_kafka(consumer.start, bootstrap, timeout_s)
         return consumer, await _read(consumer, dlq_topic, group_id, limit, idle_s)
     except BaseException:  # a failed start or a cancelled read (a caller's timeout) leaves no consumer open
         await consumer.stop()
         raise
 
 
+@contextlib.asynccontextmanager
+async def dead_letter_reader(bootstrap: Sequence[str], dlq_topic: str, group_id: str | None, limit: int, *,
+                             options: Mapping[str, Any] | None = None, timeout_s: float = DEFAULT_TIMEOUT_S,
+                             idle_s: float = 1.5) -> AsyncIterator[tuple[AIOKafkaConsumer, list[DeadLetter]]]:
+    """`read_dead_letters` whose consumer is stopped when the block ends, whatever happens in it."""
+    consumer, letters = await read_dead_letters(bootstrap, dlq_topic, group_id, limit, idle_s, options=options,
+                                                timeout_s=timeout_s)
+    try:
+        yield consumer, letters
+    finally:
+        await consumer.stop()
+
+
 async def _read(consumer: AIOKafkaConsumer, dlq_topic: str, group_id: str | None, limit: int,
                 idle_s: float) -> list[DeadLetter]:
-    await consumer.start()
     await consumer.topics()  # fetch metadata
     tps = [TopicPartition(dlq_topic, p) for p in sorted(consumer.partitions_for_topic(dlq_topic) or ())]
     out: list[DeadLetter] = []
@@ -88,36 +114,41 @@ async def _read(consumer: AIOKafkaConsumer, dlq_topic: str, group_id: str | None
     return out
 
 
-async def replay(bootstrap: Sequence[str], dlq_topic: str, tasks_topic: str, group_id: str,
-                 limit: int) -> list[DeadLetter]:
-    consumer, letters = await read_dead_letters(bootstrap, dlq_topic, group_id, limit)
-    producer = AIOKafkaProducer(bootstrap_servers=list(bootstrap), acks="all")
-    await producer.start()
-    try:
-        for letter in letters:
-            await producer.send_and_wait(tasks_topic, letter.value, key=letter.key,
-                                         headers=original_headers(letter) or None)
-        if letters:
-            last: dict[TopicPartition, int] = {}
+async def replay(bootstrap: Sequence[str], dlq_topic: str, tasks_topic: str, group_id: str, limit: int, *,
+                 options: Mapping[str, Any] | None = None, timeout_s: float = DEFAULT_TIMEOUT_S) -> list[DeadLetter]:
+    """Re-publish up to `limit` dead letters onto `tasks_topic`, then commit the group's position after them."""
+    async with dead_letter_reader(bootstrap, dlq_topic, group_id, limit, options=options,
+                                  timeout_s=timeout_s) as (consumer, letters):
+        if not letters:
+            return letters
+        producer = AIOKafkaProducer(bootstrap_servers=list(bootstrap), acks="all",
+                                    request_timeout_ms=_request_timeout_ms(timeout_s), **dict(options or {}))
+        try:
+            await start_kafka(producer.start, bootstrap, timeout_s)
             for letter in letters:
-                tp = TopicPartition(dlq_topic, letter.partition)
-                last[tp] = max(last.get(tp, -1), letter.offset + 1)
-            await consumer.commit(last)  # the group's position after what was replayed
-    finally:
-        await producer.stop()
-        await consumer.stop()
-    return letters
+                await producer.send_and_wait(tasks_topic, letter.value, key=letter.key,
+                                             headers=original_headers(letter) or None)
+        finally:
+            await producer.stop()
+        last: dict[TopicPartition, int] = {}
+        for letter in letters:
+            tp = TopicPartition(dlq_topic, letter.partition)
+            last[tp] = max(last.get(tp, -1), letter.offset + 1)
+        await consumer.commit(last)  # the group's position after what was replayed
+        return letters
 
 
 async def replay_one(bootstrap: Sequence[str], dlq_topic: str, tasks_topic: str, partition: int, offset: int,
-                     fetch_s: float = 5.0) -> DeadLetter | None:
+                     fetch_s: float = 5.0, *, options: Mapping[str, Any] | None = None,
+                     timeout_s: float = DEFAULT_TIMEOUT_S) -> DeadLetter | None:
     """Re-publish the one dead letter at `partition`@`offset` onto the tasks topic (the console's replay
     button). No group is used and nothing is committed. None when there is no message at that position."""
     consumer = AIOKafkaConsumer(bootstrap_servers=list(bootstrap), enable_auto_commit=False,
-                                auto_offset_reset="earliest")
-    await consumer.start()
+                                auto_offset_reset="earliest", request_timeout_ms=_request_timeout_ms(timeout_s),
+                                **dict(options or {}))
     letter: DeadLetter | None = None
     try:
+        await start_kafka(consumer.start, bootstrap, timeout_s)
         await consumer.topics()  # fetch metadata
         tp = TopicPartition(dlq_topic, partition)
         if partition in (consumer.partitions_for_topic(dlq_topic) or ()):
@@ -134,9 +165,10 @@ async def replay_one(bootstrap: Sequence[str], dlq_topic: str, tasks_topic: str,
         await consumer.stop()
     if letter is None:
         return None
-    producer = AIOKafkaProducer(bootstrap_servers=list(bootstrap), acks="all")
-    await producer.start()
+    producer = AIOKafkaProducer(bootstrap_servers=list(bootstrap), acks="all",
+                                request_timeout_ms=_request_timeout_ms(timeout_s), **dict(options or {}))
     try:
+        await start_kafka(producer.start, bootstrap, timeout_s)
         await producer.send_and_wait(tasks_topic, letter.value, key=letter.key,
                                      headers=original_headers(letter) or None)
     finally:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -25,7 +25,9 @@ class EventProducer:
         dlq_topic: str,
         enable_idempotence: bool = False,
         client_id: str = "ai-worker",
+        client_options: Mapping[str, Any] | None = None,
     ) -> None:
+        """`client_options`: security keyword arguments for aiokafka (messaging.security.kafka_options)."""
         self.tasks_topic = tasks_topic
         self.progress_topic = progress_topic
         self.dlq_topic = dlq_topic
@@ -37,6 +39,7 @@ class EventProducer:
             linger_ms=5,
             request_timeout_ms=30000,
             max_request_size=2 * 1024 * 1024,
+            **dict(client_options or {}),
         )
 
     async def start(self) -> None:
@@ -44,6 +47,12 @@ class EventProducer:
 
     async def stop(self) -> None:
         await self._producer.stop()
+
+    async def check_connection(self) -> None:
+        """One metadata round trip with the cluster over the producer's connections (readiness); raises
+        ConnectionError when no broker answered. Bound it with a timeout."""
+        if not await self._producer.client.force_metadata_update():
+            raise ConnectionError("no broker answered a metadata request")
 
     async def publish_task(self, task_id: str, task_type: str, world_id: str) -> None:
         # Keyed by task id so follow-on events spread over partitions.

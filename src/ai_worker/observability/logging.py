@@ -22,14 +22,28 @@ def _redact(_: Any, __: str, event_dict: MutableMapping[str, Any]) -> MutableMap
 
 
 def configure_logging(level: str = "INFO", *, json: bool = True, stream: Any = None) -> None:
+    """Our structlog lines and the libraries' stdlib logging records (aiokafka, pymongo, ...) go to `stream` in
+    the same format: with `json`, every line of the output is one JSON object (a library's traceback included,
+    in its `exception` field), so a log pipeline never sees a stray text line."""
     lvl = logging.getLevelName(level.upper())
     if not isinstance(lvl, int):
         lvl = logging.INFO
     out = stream or sys.stdout
-    logging.basicConfig(level=lvl, stream=out, format="%(message)s", force=True)
+    renderer: Any = structlog.processors.JSONRenderer() if json else structlog.dev.ConsoleRenderer()
+    handler = logging.StreamHandler(out)
+    handler.setFormatter(structlog.stdlib.ProcessorFormatter(
+        processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
+        foreign_pre_chain=[
+            structlog.stdlib.add_log_level,
+            structlog.stdlib.add_logger_name,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            _redact,
+            structlog.processors.format_exc_info,
+        ],
+    ))
+    logging.basicConfig(level=lvl, handlers=[handler], force=True)
     for noisy in ("aiokafka", "kafka", "pymongo", "httpx", "httpcore", "grpc"):
         logging.getLogger(noisy).setLevel(max(lvl, logging.WARNING))
-    renderer: Any = structlog.processors.JSONRenderer() if json else structlog.dev.ConsoleRenderer()
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,

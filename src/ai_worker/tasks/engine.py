@@ -299,8 +299,8 @@ class Engine:
         """(status, failure_reason) of a world, read at most every WORLD_CACHE_S per world by this process
         (every progress update of the world refreshes it for free)."""
         cached = self._worlds.get(world_id)
-        if cached is not None and time.monotonic() - cached[0] < WORLD_CACHE_S:
-            return cached[1], cached[2]
+        if cached is not None and time.monotonic() - cached[0] < WORLD_CACHE_S and cached[1] != "failed":
+            return cached[1], cached[2]  # a cached "failed" is read again: an operator may have retried the world
         doc = await self.progress.status.get_state(world_id)
         if doc is None:
             return None, None

@@ -39,6 +39,7 @@ class TaskStore:
         await self._tasks.create_index([("status", ASCENDING), ("not_before", ASCENDING)])
         await self._tasks.create_index([("status", ASCENDING), ("lease_until", ASCENDING)])
         await self._tasks.create_index([("status", ASCENDING), ("updated_at", ASCENDING)])
+        await self._tasks.create_index([("world_id", ASCENDING), ("status", ASCENDING), ("created_at", ASCENDING)])
 
     # --- reading ----------------------------------------------------------------------------------
     async def get_raw(self, task_id: str) -> Document | None:
@@ -321,3 +322,17 @@ class TaskStore:
             key = row.get("_id") or {}
             out[(str(key.get("type")), str(key.get("status")))] = int(row["n"])
         return out
+
+    async def list_for_world(self, world_id: str, status: str | None = None, task_type: str | None = None,
+                             limit: int = 100) -> list[Document]:
+        """A world's tasks in the order they were created, optionally of one status and one type; only the
+        fields a listing shows (`ai-worker tasks`)."""
+        query: Document = {"world_id": world_id}
+        if status is not None:
+            query["status"] = status
+        if task_type is not None:
+            query["type"] = task_type
+        fields = ("type", "status", "attempt_count", "error_type", "error", "worker_id", "created_at", "updated_at",
+                  "finished_at", "not_before")
+        cursor = self._tasks.find(query, dict.fromkeys(fields, 1), sort=[("created_at", ASCENDING)], limit=limit)
+        return [doc async for doc in cursor]

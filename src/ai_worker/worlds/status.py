@@ -96,6 +96,7 @@ class WorldStatusStore:
         # The reconciler's scan of worlds that stopped moving, and the operator's list of recent worlds.
         await self._col.create_index([("status", ASCENDING), ("updated_at", ASCENDING)])
         await self._col.create_index([("created_at", DESCENDING)])
+        await self._col.create_index([("status", ASCENDING), ("created_at", DESCENDING)])  # `worlds --status`
 
     # --- reading -----------------------------------------------------------------------------------
     async def get(self, world_id: str) -> Document | None:
@@ -260,6 +261,21 @@ class WorldStatusStore:
         if live_only:
             query["status"] = {"$in": list(LIVE)}
         await self._col.update_one(query, {"$set": sets})
+
+    # --- the operator's list (`ai-worker worlds`) ---------------------------------------------------------
+    async def recent(self, status: str | None = None, since: datetime | None = None, limit: int = 20) -> list[Document]:
+        """The newest worlds first (by `created_at`), optionally of one status and created at or after `since`;
+        only the fields a listing shows."""
+        query: Document = {}
+        if status is not None:
+            query["status"] = status
+        if since is not None:
+            query["created_at"] = {"$gte": since}
+        fields = ["status", "current_stage", "created_at", "updated_at", "finished_at", "failure_reason",
+                  "parameters", "budget_usd", *COUNTERS, "task_predicted", "users_predicted", "posts_predicted",
+                  *(names[0] for names in CALL_FIELDS.values()), *(names[1] for names in CALL_FIELDS.values())]
+        cursor = self._col.find(query, dict.fromkeys(fields, 1), sort=[("created_at", DESCENDING)], limit=limit)
+        return [doc async for doc in cursor]
 
 
 def stage_statuses(doc: Document) -> dict[str, str]:
