@@ -22,6 +22,7 @@ from ai_worker.llm.client import LLMClient
 from ai_worker.messaging.admin import ensure_topics
 from ai_worker.messaging.consumer import TaskConsumer
 from ai_worker.messaging.producer import EventProducer
+from ai_worker.observability import dbstats
 from ai_worker.observability.health import HealthServer
 from ai_worker.platform.clients import PlatformClients
 from ai_worker.providers.breaker import BreakerBoard
@@ -41,6 +42,11 @@ log = structlog.get_logger(__name__)
 
 
 def mongo_client(settings: Settings) -> AsyncMongoClient[dict[str, Any]]:
+    # AI_WORKER_DB_STATS_FILE set (the benches): count the commands sent (observability/dbstats.py).
+    listeners = dbstats.install_from_env()
+    if listeners:
+        return AsyncMongoClient(settings.mongodb_uri, tz_aware=True, serverSelectionTimeoutMS=10000,
+                                event_listeners=listeners)
     return AsyncMongoClient(settings.mongodb_uri, tz_aware=True, serverSelectionTimeoutMS=10000)
 
 
