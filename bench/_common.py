@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import functools
 import json
 import math
 import os
@@ -42,6 +43,7 @@ RATE_LIMIT_KEYS = ("rpm", "tpm", "tpd")
 DEFAULT_PROMPT = "A river delta of stilt villages where tide-readers trade forecasts"
 # A world bigger than the default WORLD_BUDGET_USD (25) needs its own cap: the simulator's images cost $0.039.
 BENCH_BUDGET_USD = 1_000_000.0
+CODE_PATHS = ("src", "bench/*.py", "models.toml", "prompts", "pyproject.toml")  # what a measurement depends on
 
 
 # ================================================================================================
@@ -332,12 +334,14 @@ def cores() -> int:
     return os.cpu_count() or 1
 
 
+@functools.cache
 def git_commit() -> str:
+    """HEAD's short hash when the bench started, `+dirty` when the code (not the docs or results) differs."""
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
                              timeout=10, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".",
-                                ":!bench/results"], cwd=REPO,
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", *CODE_PATHS],
+                               cwd=REPO,
                                capture_output=True, text=True, timeout=10, check=True).stdout.strip()
         return out + ("+dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
@@ -491,6 +495,33 @@ class ProcWatch:
 # ================================================================================================
 
 
+class Interrupted(Exception):
+    """SIGINT/SIGTERM: the bench stops its workers and the stack, and exits."""
+
+
+_interrupted: list[str] = []
+
+
+def install_interrupt_handler() -> None:
+    """Ctrl-C / SIGTERM set a flag that the waiting loops check (`check_interrupted`), so the stack and the
+    workers are always stopped in order; a second one is ignored while that happens."""
+    loop = asyncio.get_running_loop()
+
+    def on_signal(sig: signal.Signals) -> None:
+        if not _interrupted:
+            print(f"\n{sig.name}: stopping the workers and the stack...", file=sys.stderr, flush=True)
+        _interrupted.append(sig.name)
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, on_signal, sig)
+
+
+def check_interrupted() -> None:
+    if _interrupted:
+        raise Interrupted(_interrupted[0])
+
+
 @dataclass
 class Worker:
     name: str
@@ -572,6 +603,7 @@ class BenchStack:
         self.registry_path = self.root / "models.toml"
         self.registry_path.write_text(dump_toml(registry), encoding="utf-8")
         self.workers: list[Worker] = []
+        self.keep_reason: str | None = None  # set when a run went wrong: its logs are kept
         self._client: Any = None
         self.info: Any = None
 
@@ -587,10 +619,12 @@ class BenchStack:
         if self._client is not None:
             await self._client.close()
         await self.stack.stop()
-        if not self.keep and exc[0] is None:
+        failed = isinstance(exc[0], type) and not issubclass(exc[0], Interrupted)
+        if self.keep or failed or self.keep_reason:
+            why = self.keep_reason or (exc[0].__name__ if isinstance(exc[0], type) else "--keep")
+            print(f"bench data (worker logs, counters, database) kept in {self.root} ({why})", file=sys.stderr)
+        else:
             shutil.rmtree(self.root, ignore_errors=True)
-        elif self.keep or exc[0] is not None:
-            print(f"bench data kept in {self.root}", file=sys.stderr)
 
     @property
     def db(self) -> Any:
@@ -650,6 +684,7 @@ class BenchStack:
                 if w.proc.poll() is not None:
                     raise RuntimeError(f"worker {w.name} exited with {w.proc.returncode}:\n{w.tail()}")
             held = [current_assignment(w.log_events(), self.tasks_topic) for w in self.workers]
+            check_interrupted()
             if assignment_complete(held, self.info.partitions):
                 return time.monotonic() - started
             if time.monotonic() - started > timeout_s:
@@ -731,6 +766,7 @@ class BenchStack:
             for w in self.workers:
                 if w.proc.poll() is not None:
                     raise RuntimeError(f"worker {w.name} exited with {w.proc.returncode}:\n{w.tail()}")
+            check_interrupted()
             now = time.monotonic()
             if now >= deadline:
                 return doc

@@ -136,6 +136,8 @@ async def run_once(args: argparse.Namespace) -> dict[str, Any]:
         await watch.close()
         facts = await bs.facts(m["world_id"])
         calls = await bs.calls(m["world_id"])
+        problems = c.counts_ok(facts, args.users, args.posts) if m["terminal"] else ["timeout"]
+        bs.keep_reason = "; ".join(problems) or None
     finally:
         await bs.__aexit__(None, None, None)
     makespan = c.finished_seconds(m["doc"], m["sent_at"], m["detected_at"]) if m["terminal"] else watch.wall_s()
@@ -155,7 +157,7 @@ async def run_once(args: argparse.Namespace) -> dict[str, Any]:
         "terminal": m["terminal"], "status": facts.status, "bound": bound, "ratio": makespan / bound.value,
         "llm_calls": n_llm, "images": n_img, "call_errors": {k: v["errors"] for k, v in calls.items()},
         "median_call_s": med, "slot_use": use, "models_called": {k: v["models"] for k, v in calls.items()},
-        "problems": c.counts_ok(facts, args.users, args.posts) if m["terminal"] else ["timeout"],
+        "problems": problems,
         "characters": facts.characters, "posts_created": facts.posts, "tasks": facts.tasks_in_collection,
         "procs": watch.grouped(), "window_s": watch.wall_s(), "machine_busy_cores": watch.machine_busy_cores(),
         "load_before": load_before, "load_after": c.loadavg(), "date": c.today(), "commit": c.git_commit(),
@@ -238,6 +240,8 @@ async def run_fairness(args: argparse.Namespace) -> dict[str, Any]:
         shared = await measure_world(bs, args, args.users, args.posts, "small with big: ")
         big_doc = await bs.status(big_id)
         small_facts = [await bs.facts(m["world_id"]) for m in (alone, shared)]
+        if not (alone["terminal"] and shared["terminal"]):
+            bs.keep_reason = "timeout"
     finally:
         await bs.__aexit__(None, None, None)
     a = c.finished_seconds(alone["doc"], alone["sent_at"], alone["detected_at"])
@@ -277,6 +281,8 @@ def fairness_row(r: dict[str, Any]) -> str:
 
 
 async def main(args: argparse.Namespace) -> list[dict[str, Any]]:
+    c.install_interrupt_handler()
+    c.git_commit()  # the code being measured: read once, before any file changes
     results: list[dict[str, Any]] = []
     for attempt in range(args.repeat):
         tag = f" (run {attempt + 1}/{args.repeat})" if args.repeat > 1 else ""
@@ -338,7 +344,10 @@ def parse(argv: list[str]) -> argparse.Namespace:
 
 def run(argv: list[str]) -> int:
     args = parse(argv)
-    results = asyncio.run(main(args))
+    try:
+        results = asyncio.run(main(args))
+    except c.Interrupted:
+        return 130
     return 0 if all(not r["problems"] for r in results) else 1
 
 

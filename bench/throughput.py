@@ -37,7 +37,8 @@ MATRIX: tuple[tuple[int, int, int], ...] = (
     (10, 100, 1), (40, 400, 1), (100, 2000, 1), (500, 5000, 1), (40, 400, 2), (40, 400, 4),
 )
 HEADER = ("| date | commit | world | workers | result | tasks | send->done s | tasks/s | wall s | DB cmds/task "
-          "| worker CPU % | DB CPU % | broker CPU % | stack CPU % | worker peak RSS MB | machine busy (ours), cores "
+          "| worker CPU % | DB CPU % | broker CPU % | stack CPU % | CPU ms per task: worker / DB / stack "
+          "| worker peak RSS MB | machine busy (ours), cores "
           "| load before -> after | command |")
 SEPARATOR = "|" + "---|" * HEADER.count(" | ") + "---|"
 
@@ -92,6 +93,10 @@ async def run_once(args: argparse.Namespace, users: int, posts: int, workers: in
         counts = c.diff_counts(c.merge_counts(c.command_counts(d) for d in final),
                                c.merge_counts(c.command_counts(d) for d in baseline))
         stale = [w.name for w, d in zip(bs.workers, final, strict=True) if not d or float(d["at"]) < stopped_at]
+        if not terminal:
+            bs.keep_reason = "timeout"
+        elif c.counts_ok(facts, users, posts):
+            bs.keep_reason = "; ".join(c.counts_ok(facts, users, posts))
     seconds = c.finished_seconds(doc, sent_at, detected_at) if terminal else watch.wall_s()
     tasks = facts.tasks_in_collection if terminal else facts.tasks_terminal
     result.update(
@@ -139,6 +144,7 @@ def report(r: dict[str, Any]) -> str:
             for p in g["per_process"]:
                 lines.append(f"{'  pid ' + str(p['pid']):<32}{p['cpu_s']:>9.1f}{p['cpu_pct']:>8.0f}"
                              f"{p['peak_rss_mb']:>13.0f}")
+    lines.append("CPU ms per task: " + ", ".join(f"{label} {ms:.0f}" for label, ms in cpu_ms_per_task(r).items()))
     ours = sum(g["cpu_s"] for g in r["procs"].values()) / r["window_s"]
     busy = r["machine_busy_cores"]
     lines.append(f"machine: {busy:.2f} of {r['cores']} cores busy on average, {ours:.2f} by the processes above"
@@ -146,6 +152,14 @@ def report(r: dict[str, Any]) -> str:
     lines.append(f"load average before {r['load_before']}, after {r['load_after']}")
     lines.append(f"reproduce: {r['command']}")
     return "\n".join(lines)
+
+
+def cpu_ms_per_task(r: dict[str, Any]) -> dict[str, float]:
+    """CPU milliseconds per task of the workers (together), the database and the stack process: less
+    sensitive to a busy machine than tasks/s."""
+    tasks = max(r["tasks"], 1)
+    return {label: 1000 * r["procs"][label]["cpu_s"] / tasks if label in r["procs"] else float("nan")
+            for label in ("worker", "database", "stack (simulator + platform)")}
 
 
 def row(r: dict[str, Any]) -> str:
@@ -172,6 +186,7 @@ def row(r: dict[str, Any]) -> str:
         f"{r['tasks']}" + ("" if r["terminal"] else f" of {r['tasks_total']}+"), f"{r['seconds']:.1f}",
         f"{r['tasks_per_s']:.1f}", f"{r['wall_s']:.0f}", f"{r['db_per_task']:.2f}", pct("worker"), pct("database"),
         pct("broker"), pct("stack (simulator + platform)"),
+        " / ".join(f"{ms:.0f}" for ms in cpu_ms_per_task(r).values()),
         f"{procs['worker']['peak_rss_mb']:.0f}" if "worker" in procs else "-",
         f"{busy:.2f} ({ours:.2f})" if busy is not None else "-",
         f"{r['load_before']} -> {r['load_after']}", f"`{c.md_escape(r['command'])}`",
@@ -180,6 +195,8 @@ def row(r: dict[str, Any]) -> str:
 
 
 async def main(args: argparse.Namespace) -> list[dict[str, Any]]:
+    c.install_interrupt_handler()
+    c.git_commit()  # the code being measured: read once, before any file changes
     plan = list(MATRIX) if args.matrix else [(args.users, args.posts, args.workers)]
     results: list[dict[str, Any]] = []
     for users, posts, workers in plan:
@@ -194,12 +211,13 @@ async def main(args: argparse.Namespace) -> list[dict[str, Any]]:
     if len(results) > 1:
         print("\n== summary ==")
         print(f"{'world':<12}{'workers':>8}{'tasks/s':>10}{'cmds/task':>11}{'worker CPU %':>14}{'DB CPU %':>10}"
-              f"{'stack CPU %':>13}{'RSS MB':>8}  result")
+              f"{'stack CPU %':>13}{'RSS MB':>8}{'CPU ms/task w/DB/stack':>24}  result")
         for r in results:
             p = r["procs"]
             print(f"{r['users']}/{r['posts']:<8}{r['workers']:>8}{r['tasks_per_s']:>10.1f}{r['db_per_task']:>11.2f}"
                   f"{p['worker']['cpu_pct']:>14.0f}{p['database']['cpu_pct']:>10.0f}"
-                  f"{p['stack (simulator + platform)']['cpu_pct']:>13.0f}{p['worker']['peak_rss_mb']:>8.0f}  "
+                  f"{p['stack (simulator + platform)']['cpu_pct']:>13.0f}{p['worker']['peak_rss_mb']:>8.0f}"
+                  f"{' / '.join(f'{ms:.0f}' for ms in cpu_ms_per_task(r).values()):>24}  "
                   f"{r['status'] if r['terminal'] else 'TIMEOUT'} {'; '.join(r['problems'])}")
         ones = {(r["users"], r["posts"]): r["tasks_per_s"] for r in results if r["workers"] == 1 and r["terminal"]}
         for r in results:
@@ -246,7 +264,10 @@ def parse(argv: list[str]) -> argparse.Namespace:
 
 def run(argv: list[str]) -> int:
     args = parse(argv)
-    results = asyncio.run(main(args))
+    try:
+        results = asyncio.run(main(args))
+    except c.Interrupted:
+        return 130
     return 0 if all(r["terminal"] and not r["problems"] for r in results) else 1
 
 
