@@ -36,6 +36,7 @@ from ai_worker.messaging.admin import ensure_topics
 from ai_worker.messaging.consumer import TaskConsumer
 from ai_worker.messaging.producer import EventProducer
 from ai_worker.messaging.security import describe
+from ai_worker.observability import dbstats
 from ai_worker.observability.health import HealthServer
 from ai_worker.observability.worker_checks import worker_readiness
 from ai_worker.platform.clients import PlatformClients
@@ -57,6 +58,11 @@ log = structlog.get_logger(__name__)
 
 
 def mongo_client(settings: Settings) -> AsyncMongoClient[dict[str, Any]]:
+    # AI_WORKER_DB_STATS_FILE set (the benches): count the commands sent (observability/dbstats.py).
+    listeners = dbstats.install_from_env()
+    if listeners:
+        return AsyncMongoClient(settings.mongodb_uri, tz_aware=True, serverSelectionTimeoutMS=10000,
+                                event_listeners=listeners)
     return AsyncMongoClient(settings.mongodb_uri, tz_aware=True, serverSelectionTimeoutMS=10000)
 
 
