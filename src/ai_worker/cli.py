@@ -295,6 +295,8 @@ def platform(
     public_url: Annotated[str | None, typer.Option(help="Base URL put in presigned upload URLs")] = None,
     data_dir: Annotated[Path, typer.Option(help="Where uploaded files are stored")] = Path("platform-data"),
     mongo: Annotated[str | None, typer.Option(help="MongoDB URI (default: MONGODB_URI)")] = None,
+    ignore_request_id: Annotated[bool, typer.Option(
+        help="Behave like the platform's own services: ignore request_id, every create call creates")] = False,
 ) -> None:
     """Run the local platform (Character/Media/Post/World over gRPC + the upload endpoint)."""
     from ai_worker.devstack.platform_server import LocalPlatform
@@ -305,9 +307,10 @@ def platform(
 
     async def serve() -> None:
         server = LocalPlatform(mongo_uri=mongo_uri, data_dir=data_dir, host=host, grpc_port=grpc_port,
-                               http_port=http_port, public_url=public_url)
+                               http_port=http_port, public_url=public_url, honour_request_id=not ignore_request_id)
         await server.start()
-        console.print(f"local platform: gRPC {server.grpc_address}, uploads {server.upload_base_url}")
+        mode = "real (request_id ignored)" if ignore_request_id else "local (request_id honoured)"
+        console.print(f"local platform: gRPC {server.grpc_address}, uploads {server.upload_base_url}, mode {mode}")
         stop = asyncio.Event()
         import signal
 
