@@ -8,6 +8,7 @@ import asyncio
 import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any, ClassVar
 
 import pytest
@@ -16,13 +17,15 @@ from pymongo import AsyncMongoClient
 from structlog.testing import capture_logs
 from support import eventually
 
+from ai_worker.devstack.processes import DatabaseProcess
 from ai_worker.devstack.stack import StackInfo
 from ai_worker.errors import ProviderRejected, ProviderUnavailable
-from ai_worker.messaging.events import TaskType
+from ai_worker.messaging.events import BadMessage, TaskType
 from ai_worker.tasks.context import TaskContext
 from ai_worker.tasks.engine import Engine
 from ai_worker.tasks.model import TaskDoc, child_task_id
 from ai_worker.tasks.progress import WorldProgress
+from ai_worker.tasks.reconciler import Reconciler
 from ai_worker.tasks.registry import Job, JobRegistry
 from ai_worker.tasks.retry import RetryPolicy
 from ai_worker.tasks.store import TaskStore
@@ -360,3 +363,134 @@ async def test_task_of_a_cancelled_world_is_cancelled_not_run(db: Any) -> None:
     doc = await db["tasks"].find_one({"_id": task_id})
     assert doc["status"] == "cancelled" and "cancelled by operator" in doc["error"]
     assert Script.paid_calls == 0
+
+
+# --- error paths ---------------------------------------------------------------------------------------------
+
+
+async def test_unknown_task_type_fails_from_pending_and_is_dead_lettered(db: Any) -> None:
+    engine = make_engine(db, "w1", Recorder())
+    task_id = await new_task(db)
+    await db["tasks"].update_one({"_id": task_id}, {"$set": {"type": "generate_haiku"}})
+    task = await engine.store.get(task_id)
+    assert task is not None
+    with capture_logs() as logs, pytest.raises(BadMessage, match="unknown task type 'generate_haiku'"):
+        await engine.process(task)
+    doc = await db["tasks"].find_one({"_id": task_id})
+    assert doc["status"] == "failed" and doc["error_type"] == "unknown_task_type"
+    assert "generate_haiku" in doc["error"] and doc["attempt_count"] == 0, "never claimed"
+    assert [e for e in logs if e["event"] == "task failed" and e["log_level"] == "error"]
+    # A second event for it finds it failed: still dead-lettered (the type is unknown), nothing rewritten.
+    with pytest.raises(BadMessage):
+        await engine.process(task)
+    assert (await db["tasks"].find_one({"_id": task_id}))["updated_at"] == doc["updated_at"]
+
+
+async def test_task_not_yet_due_is_rescheduled_for_when_it_is(db: Any) -> None:
+    publisher = Recorder()
+    engine = make_engine(db, "w1", publisher)
+    task_id = await new_task(db)
+    due = datetime.now(UTC) + timedelta(seconds=0.6)
+    await db["tasks"].update_one({"_id": task_id}, {"$set": {"not_before": due}})
+    with capture_logs() as logs:
+        await process(engine, task_id)
+    doc = await db["tasks"].find_one({"_id": task_id})
+    assert doc["status"] == "pending" and doc["attempt_count"] == 0, "a task is not claimed before it is due"
+    scheduled = [e for e in logs if e["event"].startswith("task not due yet")]
+    assert scheduled and 0 < scheduled[0]["in_s"] <= 0.6
+    assert publisher.tasks == []
+    await eventually(lambda: _value(publisher.tasks == [task_id]), timeout_s=5, what="the event republished")
+    assert datetime.now(UTC) >= due
+    await process(engine, task_id)  # now it is due
+    assert (await db["tasks"].find_one({"_id": task_id}))["status"] == "completed"
+    engine.close()
+
+
+class FailingPublisher(Recorder):
+    """The broker is down: every publish fails."""
+
+    async def publish_task(self, task_id: str, task_type: str, world_id: str) -> None:
+        raise ConnectionError("broker unavailable")
+
+    async def publish_progress(self, event: dict[str, Any]) -> None:
+        raise ConnectionError("broker unavailable")
+
+
+async def test_children_whose_publish_failed_are_republished_by_the_reconciler(db: Any) -> None:
+    engine = make_engine(db, "w1", FailingPublisher())
+    task_id = await new_task(db)
+    Script.children = 2
+    with capture_logs() as logs:
+        await process(engine, task_id)
+    assert (await db["tasks"].find_one({"_id": task_id}))["status"] == "completed"
+    children = [child_task_id(task_id, f"child-{i}") for i in range(2)]
+    assert await db["tasks"].count_documents({"_id": {"$in": children}, "status": "pending"}) == 2
+    failed = [e for e in logs if e["event"].startswith("publish failed")]
+    assert sorted(e["task_id"] for e in failed) == sorted(children)
+
+    # The reconciler's pass: a publisher that still fails leaves them due for the next pass ...
+    store = TaskStore(db)
+    broken = Reconciler(db=db, store=store, engine=engine, publisher=FailingPublisher(), worker_id="w1",
+                        interval_s=0.05, lease_s=30)
+    await eventually(lambda: _due(store, children), timeout_s=5, what="children older than the interval")
+    with capture_logs() as logs:
+        report = await broken.reconcile_once()
+    assert report["publish_failed"] == 2 and report["republished"] == 0
+    assert len([e for e in logs if e["event"].startswith("republish failed")]) == 2
+    # ... and once the broker is back, they are republished.
+    publisher = Recorder()
+    working = Reconciler(db=db, store=store, engine=engine, publisher=publisher, worker_id="w1", interval_s=0.05,
+                         lease_s=30)
+    report = await working.reconcile_once()
+    assert report["republished"] == 2 and sorted(publisher.tasks) == sorted(children)
+
+
+async def _due(store: TaskStore, ids: list[str]) -> bool:
+    now = datetime.now(UTC)
+    due = await store.due_pending(now, now - timedelta(seconds=0.05), 100)
+    return {t.id for t in due} >= set(ids)
+
+
+async def _value(value: bool) -> bool:
+    return value
+
+
+async def test_lease_renewal_failing_while_the_database_is_down(tmp_path: Path) -> None:
+    """The heartbeat keeps trying through an outage; when the database is back and nobody took the task,
+    the renewal succeeds again and the job finishes as the same attempt."""
+    Lease.reset("complete")
+    database = DatabaseProcess(tmp_path / "db")
+    await database.astart()
+    client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(
+        database.uri, tz_aware=True, serverSelectionTimeoutMS=300, connectTimeoutMS=300)
+    try:
+        db = client["engine_outage"]
+        engine = make_lease_engine(db, "w1", Recorder(), lease_s=1.5)  # heartbeat every 0.5 s
+        task_id = await new_task(db)
+        with capture_logs() as logs:
+            running = asyncio.create_task(process(engine, task_id))
+            await asyncio.wait_for(Lease.started.wait(), timeout=10)
+            await database.astop()
+            await eventually(lambda: _value(any(e["event"] == "lease renewal failed" for e in logs)), timeout_s=10,
+                             what="a failed renewal")
+            await database.astart()
+            # Renewals go through again (nobody re-claimed the task); then the job is let finish.
+            await eventually(lambda: _renewed_after(db, task_id, datetime.now(UTC)), timeout_s=15,
+                             what="a renewal after the outage")
+            Lease.gate.set()
+            await asyncio.wait_for(running, timeout=15)
+        doc = await db["tasks"].find_one({"_id": task_id})
+        assert doc["status"] == "completed" and doc["worker_id"] == "w1" and doc["attempt_count"] == 1
+        assert not [e for e in logs if e["event"] == "task abandoned"]
+        engine.close()
+    finally:
+        await client.close()
+        await database.astop()
+
+
+async def _renewed_after(db: Any, task_id: str, moment: datetime) -> bool:
+    try:
+        doc = await db["tasks"].find_one({"_id": task_id})
+    except Exception:
+        return False
+    return bool(doc and doc["lease_until"] > moment + timedelta(seconds=1))
