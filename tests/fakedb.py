@@ -93,6 +93,13 @@ class FakeCollection:
         if faults:
             raise faults.pop(0)
 
+    def _candidates(self, query: Doc) -> list[Doc]:
+        key = query.get("_id", _MISSING)
+        if key is not _MISSING and not isinstance(key, dict):  # by id: one look-up, not a scan
+            found = self.docs.get(key)
+            return [found] if found is not None else []
+        return list(self.docs.values())
+
     async def insert_one(self, doc: Doc) -> None:
         self._enter("insert_one")
         if doc["_id"] in self.docs:
@@ -101,7 +108,7 @@ class FakeCollection:
 
     async def find_one(self, query: Doc, projection: Doc | None = None) -> Doc | None:
         self._enter("find_one")
-        for doc in self.docs.values():
+        for doc in self._candidates(query):
             if matches(doc, query):
                 out = copy.deepcopy(doc)
                 if projection:
@@ -129,7 +136,7 @@ class FakeCollection:
 
     async def update_one(self, query: Doc, update: Doc, upsert: bool = False, **kwargs: Any) -> UpdateResult:
         self._enter("update_one")
-        for doc in self.docs.values():
+        for doc in self._candidates(query):
             if matches(doc, query):
                 return UpdateResult(1, int(self._apply(doc, update, inserting=False)))
         if not upsert:
@@ -145,7 +152,7 @@ class FakeCollection:
 
     async def find_one_and_update(self, query: Doc, update: Doc, **kwargs: Any) -> Doc | None:
         self._enter("find_one_and_update")
-        for doc in self.docs.values():
+        for doc in self._candidates(query):
             if matches(doc, query):
                 before = copy.deepcopy(doc)
                 self._apply(doc, update, inserting=False)

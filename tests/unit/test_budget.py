@@ -4,11 +4,13 @@ and the messages an operator reads. The same ledger runs on the real database in
 
 from __future__ import annotations
 
+import time
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
 from fakedb import FakeDatabase
-from pymongo.errors import AutoReconnect
+from pymongo.errors import AutoReconnect, DuplicateKeyError
 from structlog.testing import capture_logs
 
 from ai_worker.errors import BudgetExceeded
@@ -185,3 +187,53 @@ async def test_settle_of_a_reservation_outside_worlds_and_days_is_a_no_op() -> N
     db = FakeDatabase()
     await MongoBudget(db, daily_cap_usd=0).settle(Reservation(world_id=None, day=None, amount=1.0), 0.0)
     assert all(c.calls == [] for c in db.collections.values())
+
+
+async def test_a_worker_sees_any_number_of_worlds() -> None:
+    """The per-world cap cache is bounded: past its size, old entries make room (no reservation fails)."""
+    db = FakeDatabase()
+    budget = MongoBudget(db, daily_cap_usd=0)
+    for i in range(4100):
+        db["world_generation_status"].docs[f"w{i}"] = {
+            "_id": f"w{i}", "status": "in_progress", "budget_usd": 1.0, "budget_committed_usd": 0.0,
+            "api_call_limits_LLM": 5, "api_call_limits_images": 5, "api_calls_reserved_LLM": 0,
+            "api_calls_reserved_images": 0}
+        await budget.reserve(CallContext(task_id="t", world_id=f"w{i}", request_type="x"), "llm", 0.5)
+    await budget.reserve(CallContext(task_id="t", world_id="w0", request_type="x"), "llm", 0.5)
+    assert db["world_generation_status"].docs["w0"]["budget_committed_usd"] == 1.0
+
+
+async def test_refusal_messages_when_the_ledger_fields_are_missing() -> None:
+    """A status document without the ledger fields (written by an older worker) still gets a readable refusal."""
+    db = world_db(cap=None, llm_limit=0)
+    del world(db)["api_calls_reserved_LLM"]
+    with pytest.raises(BudgetExceeded, match=r"^world call limit reached: 0 llm calls$"):
+        await MongoBudget(db, daily_cap_usd=0).reserve(CALL, "llm", 0.0)
+    db = world_db(cap=0.5)
+    del world(db)["budget_committed_usd"]
+    with pytest.raises(BudgetExceeded) as refused:
+        await MongoBudget(db, daily_cap_usd=0).reserve(CALL, "llm", 0.25)
+    assert str(refused.value) == ("world budget of $0.5000 would be exceeded: $0.0000 committed, this call may cost "
+                                  "up to $0.2500")
+
+
+@pytest.mark.parametrize("tz", ["Etc/GMT-14", "Etc/GMT+12"])  # between them, one local date differs from UTC's
+async def test_the_daily_budget_is_keyed_by_the_utc_day(tz: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TZ", tz)
+    time.tzset()
+    try:
+        reservation = await MongoBudget(FakeDatabase(), daily_cap_usd=1.0).reserve(NO_WORLD, "llm", 0.1)
+        assert reservation.day == "daily:" + datetime.now(UTC).strftime("%Y-%m-%d")
+    finally:
+        monkeypatch.undo()
+        time.tzset()
+
+
+async def test_two_workers_creating_the_days_ledger_at_once() -> None:
+    """The loser of the race to create the day's document gets a duplicate key error and goes on."""
+    db = FakeDatabase()
+    db["budgets"].fail_next("update_one", DuplicateKeyError("E11000 duplicate key error"))
+    db["budgets"].docs["daily:" + datetime.now(UTC).strftime("%Y-%m-%d")] = {
+        "_id": "daily:" + datetime.now(UTC).strftime("%Y-%m-%d"), "committed_usd": 0.25}
+    await MongoBudget(db, daily_cap_usd=1.0).reserve(NO_WORLD, "llm", 0.5)
+    assert daily(db)["committed_usd"] == 0.75
