@@ -82,6 +82,16 @@ class Chaos:
         raise AssertionError(f"world {world_id} not finished in {timeout_s}s (status {status})\n"
                              + self.tails(names))
 
+    def count_logged(self, names: Sequence[str], event: str) -> int:
+        """How many times the workers `names` logged `event` (e.g. a duplicate prevented by a look-up)."""
+        total = 0
+        for name in names:
+            try:
+                total += sum(1 for line in self.env.log_lines(name) if line.get("event") == event)
+            except OSError:
+                continue
+        return total
+
     def tails(self, names: Sequence[str], lines: int = 40) -> str:
         out = []
         for name in names:

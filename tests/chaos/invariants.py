@@ -38,6 +38,7 @@ from ai_worker.devstack.simulator import ProviderSimulator
 TERMINAL = {"completed", "failed", "cancelled"}
 RESULTS = Path(__file__).resolve().parents[2] / "bench" / "results" / "chaos.md"
 ROWS_END = "<!-- new rows go above this line -->"
+CHARACTER_FOUND = "character made by an earlier attempt found; not creating it again"  # jobs/character.py
 PAID_KINDS = ("llm", "image_generation")
 
 

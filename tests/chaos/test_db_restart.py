@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 from harness import chaos_stack
-from invariants import record_result
+from invariants import CHARACTER_FOUND, record_result
 from test_broker_restart import wait_progress
 
 NAMES = ("w1", "w2")
@@ -49,8 +49,10 @@ async def run_c3(tmp_path: Path, *, users: int, posts: int, outages: int, after_
         report = await c.check(world_id, users=users, posts=posts, may_duplicate=True, billed_exact=HISTORY_BUFFERED)
         how = "SIGKILL" if kill else "stop"
         print(f"C3 {users}/{posts}: {outages} database {how}s, completed in {elapsed:.1f}s")
+        reused = c.count_logged(NAMES, CHARACTER_FOUND)
         record_result(f"C3 database {how} + restart (2 workers)", f"{users}/{posts}", outages, report, elapsed,
-                      f"down {down_s}s after every {after_tasks} completed tasks, latency {latency_ms:.0f} ms")
+                      f"down {down_s}s after every {after_tasks} completed tasks, latency {latency_ms:.0f} ms; "
+                      f"{reused} characters found by the look-up")
         assert report.accounting is not None
         unrecorded = report.accounting.unrecorded
         if unrecorded:  # only reachable while HISTORY_BUFFERED is False (check_world asserts it otherwise)
