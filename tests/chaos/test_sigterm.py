@@ -50,7 +50,7 @@ def _wait_for_drain(proc: subprocess.Popen[bytes], log: Path) -> None:
 
 def _wait_until_running(proc: subprocess.Popen[bytes], log: Path, timeout_s: float = 60.0) -> None:
     deadline = time.monotonic() + timeout_s
-    while proc.poll() is None and b'"consumer running"' not in log.read_bytes():
+    while proc.poll() is None and b'"partitions assigned"' not in log.read_bytes():
         assert time.monotonic() < deadline, f"{log.name}: the worker did not start in {timeout_s}s"
         time.sleep(0.05)
 
@@ -128,8 +128,9 @@ async def test_c6_repeated_sigterm_chaos(tmp_path: Path) -> None:
             await asyncio.sleep(rng.uniform(2.0, 5.0))
             name = rng.choice(names)
             log_name = f"{name}-{restarts[name]}" if restarts[name] else name
-            # The scenario is SIGTERM mid-world, not during interpreter start-up (before the worker has its
-            # signal handlers, SIGTERM simply kills it): wait until the restarted worker runs.
+            # The scenario is SIGTERM mid-world, not during start-up: before the worker has its signal handlers
+            # SIGTERM simply kills it, and during its first group join the drain waits for the join. Wait until
+            # the restarted worker has its partitions.
             await asyncio.to_thread(_wait_until_running, procs[name], tmp_path / f"worker-{log_name}.log")
             took = await sigterm(procs[name], again_after_s=rng.choice([None, 0.2, 0.6]), timeout_s=grace + 20)
             terms += 1
