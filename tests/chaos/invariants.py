@@ -7,10 +7,11 @@
   both modes) and counts the calls that carried it (`create_calls`), and every presigned upload URL is one
   `media` document named after the planned image (file names are deterministic per world / character /
   index). So per planned character, post and image we know how many create calls reached the platform, and
-  hence the duplicates the real platform (which ignores `request_id`) would hold: calls - 1 per item. In
-  real-platform mode (the chaos default) they are actual documents. Characters must never be duplicated (a
-  retried attempt looks up what an earlier one made); posts and media may be, only in scenarios that
-  interrupt calls in flight (`may_duplicate`: kill -9, database outage, cancelled drains), and are reported;
+  hence the duplicates the real platform (which ignores `request_id`) would hold: calls - 1 per character
+  or post, and confirmed uploads - 1 per image (an upload never confirmed stores nothing). In real-platform
+  mode (the chaos default) they are actual documents. Characters must never be duplicated (a retried
+  attempt looks up what an earlier one made); posts and media may be, only in scenarios that interrupt
+  calls in flight (`may_duplicate`: kill -9, database outage, cancelled drains), and are reported;
 - accounting: the provider simulator's billed calls (answered 200, whether or not the reply was usable) vs
   the billed attempts in `api_requests_history` (status ok, or an error on an HTTP 200 reply) vs the world's
   counters (`api_calls_made_*` count every attempt, failed ones included, so they are compared with all the
