@@ -11,10 +11,10 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from pymongo import AsyncMongoClient
@@ -23,6 +23,7 @@ from ai_worker.devstack.processes import create_topics
 from ai_worker.devstack.stack import StackInfo
 
 REPO = Path(__file__).resolve().parents[1]
+T = TypeVar("T")
 
 
 def unique_name(prefix: str) -> str:
@@ -165,3 +166,17 @@ async def read_topic(bootstrap: str, topic: str, expect: int, timeout_s: float =
         return out
     finally:
         await consumer.stop()
+
+
+async def eventually(check: Callable[[], Awaitable[T]], *, timeout_s: float = 10.0, interval_s: float = 0.02,
+                     what: str = "condition") -> T:
+    """Poll `check` until it returns a truthy value (which is returned); fail after `timeout_s`. The way to
+    wait in these tests: on a condition, never a bare sleep."""
+    deadline = time.monotonic() + timeout_s
+    last: T = await check()
+    while not last:
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"{what} not reached in {timeout_s}s (last: {last!r})")
+        await asyncio.sleep(interval_s)
+        last = await check()
+    return last

@@ -522,6 +522,8 @@ def platform(
     public_url: Annotated[str | None, typer.Option(help="Base URL put in presigned upload URLs")] = None,
     data_dir: Annotated[Path, typer.Option(help="Where uploaded files are stored")] = Path("platform-data"),
     mongo: MongoOpt = None,
+    ignore_request_id: Annotated[bool, typer.Option(
+        help="Behave like the platform's own services: ignore request_id, every create call creates")] = False,
     timeout: TimeoutOpt = None,
     debug: DebugOpt = False,
 ) -> None:
@@ -538,10 +540,12 @@ def platform(
         async with mongo_db(conn):  # reachable, before anything listens
             pass
         server = LocalPlatform(mongo_uri=conn.mongo_uri, data_dir=data_dir, host=host, grpc_port=grpc_port,
-                               http_port=http_port, public_url=public_url)
+                               http_port=http_port, public_url=public_url, honour_request_id=not ignore_request_id)
         try:
             await server.start()
-            console.print(f"local platform: gRPC {server.grpc_address}, uploads {server.upload_base_url}")
+            mode = "real (request_id ignored)" if ignore_request_id else "local (request_id honoured)"
+            console.print(f"local platform: gRPC {server.grpc_address}, uploads {server.upload_base_url}, "
+                          f"mode {mode}")
             stop = asyncio.Event()
             loop = asyncio.get_running_loop()
             for sig in (signal.SIGTERM, signal.SIGINT):

@@ -1,5 +1,8 @@
 """Shared helpers of the chaos scenarios: each scenario runs its OWN embedded stack (C2/C3 kill the broker or
-the database, which must not hurt other tests), workers are separate OS processes with short timings."""
+the database, which must not hurt other tests), workers are separate OS processes with short timings.
+
+The local platform runs in real-platform mode by default (`request_id` ignored: every create call creates, as
+on the platform's own services), so the invariants count what the real platform would hold."""
 
 from __future__ import annotations
 
@@ -9,8 +12,9 @@ from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
+from invariants import WorldReport, check_world
 from pymongo import AsyncMongoClient
 from support import WorkerEnv, mongo
 
@@ -36,6 +40,18 @@ class Chaos:
     stack: EmbeddedStack
     env: WorkerEnv
     client: AsyncMongoClient[dict[str, Any]]
+
+    @property
+    def platform_mode(self) -> str:
+        return self.stack.platform_mode
+
+    async def check(self, world_id: str, *, users: int, posts: int, expect_status: str = "completed",
+                    may_duplicate: bool = False, billed_exact: bool = True) -> WorldReport:
+        """The invariants (invariants.check_world) for a world of this stack, with the simulator's counts."""
+        return await check_world(self.client, self.env.database, world_id, users=users, posts=posts,
+                                 expect_status=expect_status, simulator=self.stack.simulator,
+                                 platform_mode=self.platform_mode, may_duplicate=may_duplicate,
+                                 billed_exact=billed_exact)
 
     def start_worker(self, name: str) -> Any:
         return self.env.start_worker(name, **FAST)
@@ -66,6 +82,16 @@ class Chaos:
         raise AssertionError(f"world {world_id} not finished in {timeout_s}s (status {status})\n"
                              + self.tails(names))
 
+    def count_logged(self, names: Sequence[str], event: str) -> int:
+        """How many times the workers `names` logged `event` (e.g. a duplicate prevented by a look-up)."""
+        total = 0
+        for name in names:
+            try:
+                total += sum(1 for line in self.env.log_lines(name) if line.get("event") == event)
+            except OSError:
+                continue
+        return total
+
     def tails(self, names: Sequence[str], lines: int = 40) -> str:
         out = []
         for name in names:
@@ -78,8 +104,10 @@ class Chaos:
 
 
 @asynccontextmanager
-async def chaos_stack(tmp_path: Path, *, latency_ms: float = 0) -> AsyncIterator[Chaos]:
-    stack = EmbeddedStack(tmp_path / "stack", simulator_config=SimulatorConfig(latency_ms=latency_ms))
+async def chaos_stack(tmp_path: Path, *, latency_ms: float = 0,
+                      platform_mode: Literal["local", "real"] = "real") -> AsyncIterator[Chaos]:
+    stack = EmbeddedStack(tmp_path / "stack", simulator_config=SimulatorConfig(latency_ms=latency_ms),
+                          platform_mode=platform_mode)
     info = await stack.start()
     env = WorkerEnv(info, tmp_path)
     client = mongo(info)

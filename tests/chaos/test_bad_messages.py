@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 from aiokafka import AIOKafkaProducer
 from harness import FAST, chaos_stack
-from invariants import check_world, record_result
+from invariants import record_result
 from support import read_topic
 
 # ~1 MB: the embedded broker (tansu) accepts it, and so does the worker's dead-letter producer (2 MB max).
@@ -156,7 +156,7 @@ async def run_c5(tmp_path: Path, *, users: int, posts: int, bad: int, huge: int,
         status = await c.wait_world(world_id, timeout_s, NAMES)
         elapsed = time.monotonic() - t0
         assert status == "completed", c.tails(NAMES)
-        report = await check_world(c.client, c.env.database, world_id, users=users, posts=posts)
+        report = await c.check(world_id, users=users, posts=posts)
 
         expected_dlq = sum(1 for kind in flood.sent.values() if kind != "duplicate")
         # Wait until the consumer has dealt with everything we sent (DLQ complete, skips logged).

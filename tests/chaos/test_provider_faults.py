@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 from harness import FAST, chaos_stack
-from invariants import check_world, record_result
+from invariants import record_result
 
 FAULTS: dict[str, float] = {
     "error_rate_5xx": 0.20,
@@ -47,7 +47,7 @@ async def run_c4(tmp_path: Path, *, users: int, posts: int, seed: int, timeout_s
         status = await c.wait_world(world_id, timeout_s, NAMES)
         elapsed = time.monotonic() - t0
         assert status == "completed", c.tails(NAMES)
-        report = await check_world(c.client, c.env.database, world_id, users=users, posts=posts)
+        report = await c.check(world_id, users=users, posts=posts)
 
         stats = dict(sim.stats)
         history = [h async for h in c.client[c.env.database]["api_requests_history"].find(

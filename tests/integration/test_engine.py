@@ -8,19 +8,24 @@ import asyncio
 import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any, ClassVar
 
 import pytest
 from pydantic import BaseModel
 from pymongo import AsyncMongoClient
+from structlog.testing import capture_logs
+from support import eventually
 
+from ai_worker.devstack.processes import DatabaseProcess
 from ai_worker.devstack.stack import StackInfo
 from ai_worker.errors import ProviderRejected, ProviderUnavailable
-from ai_worker.messaging.events import TaskType
+from ai_worker.messaging.events import BadMessage, TaskType
 from ai_worker.tasks.context import TaskContext
 from ai_worker.tasks.engine import Engine
-from ai_worker.tasks.model import child_task_id
+from ai_worker.tasks.model import TaskDoc, child_task_id
 from ai_worker.tasks.progress import WorldProgress
+from ai_worker.tasks.reconciler import Reconciler
 from ai_worker.tasks.registry import Job, JobRegistry
 from ai_worker.tasks.retry import RetryPolicy
 from ai_worker.tasks.store import TaskStore
@@ -190,39 +195,163 @@ async def test_attempt_limit_is_enforced(db: Any) -> None:
     engine.close()
 
 
-async def test_worker_that_lost_its_lease_cannot_complete(db: Any) -> None:
-    first, second = make_engine(db, "w1", Recorder()), make_engine(db, "w2", Recorder())
+# --- the lease rule -----------------------------------------------------------------------------------------
+# Worker A claims a task and starts its job; the job then waits on an event. Meanwhile A's lease expires (as
+# if A had stalled: a long GC pause, a network partition) and the task is claimed again, by another worker or
+# by the same worker id on a later attempt (its process restarted). When A's job goes on, every write A tries
+# (complete, fail, schedule a retry, save a step, renew the lease) must be refused: the document stays exactly
+# as the new claim left it. Sequencing is by events and polled conditions, never by sleeping.
+
+
+class Lease:
+    """What the lease test job does; reset per test by the `db` fixture."""
+
+    action = "complete"  # complete | fail | retry | step | loop
+    started: asyncio.Event = asyncio.Event()
+    gate: asyncio.Event = asyncio.Event()
+    paid_calls = 0
+
+    @classmethod
+    def reset(cls, action: str = "complete") -> None:
+        cls.action, cls.started, cls.gate, cls.paid_calls = action, asyncio.Event(), asyncio.Event(), 0
+
+
+class LeaseJob(Job[NoParams, TaskContext]):
+    task_type = TaskType.GENERATE_POST
+    Params = NoParams
+    stage = "posts"
+
+    async def run(self, ctx: TaskContext, params: NoParams) -> dict[str, Any]:
+        Lease.started.set()
+        if Lease.action == "loop":  # a long job that checks, between its steps, that it still owns the task
+            while True:
+                await asyncio.sleep(0.02)
+                ctx.check_alive()
+        await Lease.gate.wait()
+        if Lease.action == "fail":
+            raise ProviderRejected("HTTP 400 seen by worker A")
+        if Lease.action == "retry":
+            raise ProviderUnavailable("HTTP 503 seen by worker A")
+        if Lease.action == "step":
+            async def paid() -> int:
+                Lease.paid_calls += 1
+                return 7
+
+            await ctx.step("paid_by_a", paid, int)
+        for i in range(2):
+            ctx.spawn(ChildJob, f"child-{i}", ChildParams(i=i))
+        return {"by": ctx.worker_id, "attempt": ctx.attempt}
+
+
+def make_lease_engine(db: Any, worker: str, publisher: Recorder, lease_s: float = 30.0) -> Engine:
+    registry = JobRegistry()
+    registry.register(LeaseJob)
+    registry.register(ChildJob)
+    return Engine(store=TaskStore(db), progress=WorldProgress(WorldStatusStore(db), registry), registry=registry,
+                  publisher=publisher, worker_id=worker, lease_s=lease_s,
+                  policy=RetryPolicy(base_delay_s=0.05, max_delay_s=0.1))
+
+
+async def expire_and_reclaim(db: Any, task_id: str, worker: str) -> TaskDoc:
+    """Expire the current lease and claim the task as `worker` (the claim a second worker would make). Retried
+    until it wins: a heartbeat of the current holder may renew the lease between the two writes."""
+    store = TaskStore(db)
+
+    async def attempt() -> TaskDoc | None:
+        await db["tasks"].update_one({"_id": task_id, "status": "in_progress"},
+                                     {"$set": {"lease_until": datetime.now(UTC) - timedelta(seconds=1)}})
+        return await store.claim(task_id, worker, 30)
+
+    return await eventually(attempt, timeout_s=5, what="a second claim")
+
+
+def lease_warnings(logs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [e for e in logs if e.get("log_level") == "warning"
+            and "lease" in f"{e.get('event', '')} {e.get('reason', '')}"]
+
+
+LEASE_ACTIONS = ("complete", "fail", "retry", "step")
+
+
+@pytest.mark.parametrize("reclaimer", ["w2", "w1"], ids=["reclaimed-by-another-worker", "same-worker-next-attempt"])
+@pytest.mark.parametrize("action", LEASE_ACTIONS)
+async def test_worker_that_lost_its_lease_is_refused(db: Any, action: str, reclaimer: str) -> None:
+    Lease.reset(action)
+    publisher = Recorder()
+    a = make_lease_engine(db, "w1", publisher)
     task_id = await new_task(db)
-    Script.gate = asyncio.Event()
-    Script.children = 2
-    running = asyncio.create_task(process(first, task_id))
-    await asyncio.sleep(0.3)
-    # The lease of w1 expires (as if w1 had stalled); w2 reclaims and finishes the task.
-    await db["tasks"].update_one({"_id": task_id}, {"$set": {"lease_until": datetime.now(UTC) - timedelta(seconds=1)}})
-    Script.gate.set()
-    Script.gate = None
-    await process(second, task_id)
-    await running
+    with capture_logs() as logs:
+        running = asyncio.create_task(process(a, task_id))
+        await asyncio.wait_for(Lease.started.wait(), timeout=10)
+        claim = await expire_and_reclaim(db, task_id, reclaimer)
+        assert claim.worker_id == reclaimer and claim.attempt_count == 2
+        reclaimed = await db["tasks"].find_one({"_id": task_id})
+        Lease.gate.set()  # worker A wakes up and tries to finish its attempt
+        await asyncio.wait_for(running, timeout=10)
+
     doc = await db["tasks"].find_one({"_id": task_id})
-    assert doc["status"] == "completed" and doc["worker_id"] == "w2"
-    children = await db["tasks"].count_documents({"parent_id": task_id})
-    assert children == 2, "children are deterministic: the two runs produced the same two"
-    assert await db["tasks"].find_one({"_id": child_task_id(task_id, "child-0")}) is not None
+    # Nothing A wrote reached the task: the document is exactly as the second claim left it.
+    assert doc == reclaimed, f"worker A's {action} changed the task of the new claim"
+    assert doc["status"] == "in_progress" and doc["worker_id"] == reclaimer and doc["attempt_count"] == 2
+    assert doc["result"] is None and doc["error"] is None and "error_type" not in doc
+    assert "not_before" not in doc and "completed_at" not in doc
+    assert "paid_by_a" not in doc.get("steps", {})
+    assert all("outcome" not in attempt for attempt in doc["attempts"]), doc["attempts"]
+    # ... and nothing A would announce after a successful write was announced.
+    assert publisher.tasks == [] and publisher.progress == []
+    assert lease_warnings(logs), logs
+    if action == "step":
+        assert Lease.paid_calls == 1  # the call ran; its result was not kept for A
+    a.close()
+
+    # The new holder is unaffected: its own writes go through.
+    assert await TaskStore(db).complete(claim, reclaimer, {"by": "second claim"})
+    doc = await db["tasks"].find_one({"_id": task_id})
+    assert doc["status"] == "completed" and doc["result"] == {"by": "second claim"}
+    if action == "complete":  # A inserted its children before it was refused; their ids are deterministic
+        assert await db["tasks"].count_documents({"parent_id": task_id}) == 2
+        assert await db["tasks"].find_one({"_id": child_task_id(task_id, "child-0")}) is not None
+
+
+@pytest.mark.parametrize("reclaimer", ["w2", "w1"], ids=["reclaimed-by-another-worker", "same-worker-next-attempt"])
+async def test_heartbeat_of_a_lost_lease_is_refused_and_the_job_stops(db: Any, reclaimer: str) -> None:
+    Lease.reset("loop")
+    a = make_lease_engine(db, "w1", Recorder(), lease_s=1.5)  # heartbeat every 0.5 s
+    task_id = await new_task(db)
+    with capture_logs() as logs:
+        running = asyncio.create_task(process(a, task_id))
+        await asyncio.wait_for(Lease.started.wait(), timeout=10)
+        claim = await expire_and_reclaim(db, task_id, reclaimer)
+        # A's next renewal finds the claim gone; its job stops at its next check.
+        await asyncio.wait_for(running, timeout=10)
+    doc = await db["tasks"].find_one({"_id": task_id})
+    assert doc["worker_id"] == reclaimer and doc["attempt_count"] == 2 and doc["status"] == "in_progress"
+    assert doc["lease_until"] == claim.lease_until, "worker A extended the lease of the new claim"
+    assert doc.get("result") is None and "outcome" not in doc["attempts"][0]
+    events = [e["event"] for e in logs]
+    assert any("lease lost" in e for e in events), events
+    assert "task abandoned" in events, events
+    a.close()
 
 
 async def test_cancel_stops_a_running_job_without_effects(db: Any) -> None:
-    engine = make_engine(db, "w1", Recorder(), lease_s=1.5)
+    Lease.reset("loop")
+    publisher = Recorder()
+    engine = make_lease_engine(db, "w1", publisher, lease_s=1.5)
     task_id = await new_task(db)
-    Script.loop_until_dead = True
-    Script.children = 3
-    running = asyncio.create_task(process(engine, task_id))
-    await asyncio.sleep(0.3)
     world_id = (await db["tasks"].find_one({"_id": task_id}))["world_id"]
-    assert await TaskStore(db).cancel_world(world_id, "cancelled by test") == 1
-    await asyncio.wait_for(running, timeout=5)
+    with capture_logs() as logs:
+        running = asyncio.create_task(process(engine, task_id))
+        await asyncio.wait_for(Lease.started.wait(), timeout=10)  # the job is running now
+        assert (await db["tasks"].find_one({"_id": task_id}))["status"] == "in_progress"
+        assert await TaskStore(db).cancel_world(world_id, "cancelled by test") == 1
+        await asyncio.wait_for(running, timeout=10)
     doc = await db["tasks"].find_one({"_id": task_id})
-    assert doc["status"] == "cancelled"
+    assert doc["status"] == "cancelled" and doc["error"] == "cancelled by test"
     assert await db["tasks"].count_documents({"parent_id": task_id}) == 0
+    assert publisher.tasks == [] and publisher.progress == []
+    assert "task abandoned" in [e["event"] for e in logs]
+    engine.close()
 
 
 async def test_task_of_a_cancelled_world_is_cancelled_not_run(db: Any) -> None:
@@ -235,3 +364,133 @@ async def test_task_of_a_cancelled_world_is_cancelled_not_run(db: Any) -> None:
     doc = await db["tasks"].find_one({"_id": task_id})
     assert doc["status"] == "cancelled" and "cancelled by operator" in doc["error"]
     assert Script.paid_calls == 0
+
+
+# --- error paths ---------------------------------------------------------------------------------------------
+
+
+async def test_unknown_task_type_fails_from_pending_and_is_dead_lettered(db: Any) -> None:
+    engine = make_engine(db, "w1", Recorder())
+    task_id = await new_task(db)
+    await db["tasks"].update_one({"_id": task_id}, {"$set": {"type": "generate_haiku"}})
+    task = await engine.store.get(task_id)
+    assert task is not None
+    with pytest.raises(BadMessage, match="unknown task type 'generate_haiku'"):  # the consumer dead-letters it
+        await engine.process(task)
+    doc = await db["tasks"].find_one({"_id": task_id})
+    assert doc["status"] == "failed" and doc["error_type"] == "unknown_task_type"
+    assert "generate_haiku" in doc["error"] and doc["attempt_count"] == 0, "never claimed"
+    # A second event for it finds it failed: still dead-lettered (the type is unknown), nothing rewritten.
+    with pytest.raises(BadMessage):
+        await engine.process(task)
+    assert (await db["tasks"].find_one({"_id": task_id}))["updated_at"] == doc["updated_at"]
+
+
+async def test_task_not_yet_due_is_rescheduled_for_when_it_is(db: Any) -> None:
+    publisher = Recorder()
+    engine = make_engine(db, "w1", publisher)
+    task_id = await new_task(db)
+    due = datetime.now(UTC) + timedelta(seconds=0.6)
+    await db["tasks"].update_one({"_id": task_id}, {"$set": {"not_before": due}})
+    with capture_logs() as logs:
+        await process(engine, task_id)
+    doc = await db["tasks"].find_one({"_id": task_id})
+    assert doc["status"] == "pending" and doc["attempt_count"] == 0, "a task is not claimed before it is due"
+    scheduled = [e for e in logs if e["event"].startswith("task not due yet")]
+    assert scheduled and 0 < scheduled[0]["in_s"] <= 0.6
+    assert publisher.tasks == []
+    await eventually(lambda: _value(publisher.tasks == [task_id]), timeout_s=5, what="the event republished")
+    assert datetime.now(UTC) >= due
+    await process(engine, task_id)  # now it is due
+    assert (await db["tasks"].find_one({"_id": task_id}))["status"] == "completed"
+    engine.close()
+
+
+class FailingPublisher(Recorder):
+    """The broker is down: every publish fails."""
+
+    async def publish_task(self, task_id: str, task_type: str, world_id: str) -> None:
+        raise ConnectionError("broker unavailable")
+
+    async def publish_progress(self, event: dict[str, Any]) -> None:
+        raise ConnectionError("broker unavailable")
+
+
+async def test_children_whose_publish_failed_are_republished_by_the_reconciler(db: Any) -> None:
+    engine = make_engine(db, "w1", FailingPublisher())
+    task_id = await new_task(db)
+    Script.children = 2
+    with capture_logs() as logs:
+        await process(engine, task_id)
+    assert (await db["tasks"].find_one({"_id": task_id}))["status"] == "completed"
+    children = [child_task_id(task_id, f"child-{i}") for i in range(2)]
+    assert await db["tasks"].count_documents({"_id": {"$in": children}, "status": "pending"}) == 2
+    failed = [e for e in logs if e["event"].startswith("publish failed")]
+    assert sorted(e["task_id"] for e in failed) == sorted(children)
+
+    # The reconciler's pass: a publisher that still fails leaves them due for the next pass ...
+    store = TaskStore(db)
+    broken = Reconciler(db=db, store=store, engine=engine, publisher=FailingPublisher(), worker_id="w1",
+                        interval_s=0.05, lease_s=30)
+    await eventually(lambda: _untouched_for(db, children, 0.05), timeout_s=5, what="children older than the interval")
+    with capture_logs() as logs:
+        report = await broken.reconcile_once()
+    assert report["publish_failed"] == 2 and report["republished"] == 0
+    assert len([e for e in logs if e["event"].startswith("republish failed")]) == 2
+    # ... and once the broker is back, they are republished.
+    publisher = Recorder()
+    working = Reconciler(db=db, store=store, engine=engine, publisher=publisher, worker_id="w1", interval_s=0.05,
+                         lease_s=30)
+    report = await working.reconcile_once()
+    assert report["republished"] == 2 and sorted(publisher.tasks) == sorted(children)
+
+
+async def _untouched_for(db: Any, ids: list[str], seconds: float) -> bool:
+    since = datetime.now(UTC) - timedelta(seconds=seconds)
+    docs = [d async for d in db["tasks"].find({"_id": {"$in": ids}}, {"updated_at": 1})]
+    return len(docs) == len(ids) and all(d["updated_at"] < since for d in docs)
+
+
+async def _value(value: bool) -> bool:
+    return value
+
+
+async def test_lease_renewal_failing_while_the_database_is_down(tmp_path: Path) -> None:
+    """The heartbeat keeps trying through an outage; when the database is back and nobody took the task,
+    the renewal succeeds again and the job finishes as the same attempt."""
+    Lease.reset("complete")
+    database = DatabaseProcess(tmp_path / "db")
+    await database.astart()
+    client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(
+        database.uri, tz_aware=True, serverSelectionTimeoutMS=300, connectTimeoutMS=300)
+    try:
+        db = client["engine_outage"]
+        engine = make_lease_engine(db, "w1", Recorder(), lease_s=1.5)  # heartbeat every 0.5 s
+        task_id = await new_task(db)
+        with capture_logs() as logs:
+            running = asyncio.create_task(process(engine, task_id))
+            await asyncio.wait_for(Lease.started.wait(), timeout=10)
+            await database.astop()
+            await eventually(lambda: _value(any(e["event"] == "lease renewal failed" for e in logs)), timeout_s=10,
+                             what="a failed renewal")
+            await database.astart()
+            # Renewals go through again (nobody re-claimed the task); then the job is let finish.
+            await eventually(lambda: _renewed_after(db, task_id, datetime.now(UTC)), timeout_s=15,
+                             what="a renewal after the outage")
+            Lease.gate.set()
+            await asyncio.wait_for(running, timeout=15)
+        doc = await db["tasks"].find_one({"_id": task_id})
+        assert doc["status"] == "completed" and doc["worker_id"] == "w1" and doc["attempt_count"] == 1
+        assert not [e for e in logs if e["event"] == "task abandoned"]
+        engine.close()
+    finally:
+        await client.close()
+        await database.astop()
+
+
+async def _renewed_after(db: Any, task_id: str, moment: datetime) -> bool:
+    try:
+        doc = await db["tasks"].find_one({"_id": task_id})
+    except Exception:
+        return False
+    return bool(doc and doc["lease_until"] > moment + timedelta(seconds=1))

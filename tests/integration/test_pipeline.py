@@ -7,6 +7,7 @@ import json
 import uuid
 from datetime import UTC, datetime
 
+import httpx
 import pytest
 from support import WorkerEnv, mongo, produce, read_topic, wait_world
 
@@ -76,8 +77,31 @@ async def test_world_end_to_end(wenv: WorkerEnv) -> None:
             urls[p["media_id"]] for p in posts)
         (image,) = results["generate_world_image"]
         assert image["header_url"] == urls[world["image_uuid"]] and image["icon_url"] == urls[world["icon_uuid"]]
+        await check_service_endpoints(wenv, processed=len(tasks), llm_calls=len(llm))
     finally:
         await client.close()
+
+
+async def check_service_endpoints(wenv: WorkerEnv, *, processed: int, llm_calls: int) -> None:
+    """GET /health, /stats and /metrics of the running worker (SERVICE_PORT=0: its port is in its log)."""
+    listening = [x for x in wenv.log_lines() if x.get("event") == "health endpoint listening"]
+    assert len(listening) == 1, wenv.log()[-3000:]
+    base = f"http://127.0.0.1:{listening[0]['port']}"
+    async with httpx.AsyncClient(base_url=base, timeout=10) as http:
+        health = await http.get("/health")
+        assert health.status_code == 200 and health.json() == {"status": "ok"}
+        stats = (await http.get("/stats")).json()
+        assert stats["worker_id"] == f"w1-{wenv.suffix}" and stats["in_flight"] == 0
+        assert stats["processed"] >= processed and stats["dead_lettered"] == 0
+        assert isinstance(stats["breakers"], dict | list)
+        metrics = await http.get("/metrics")
+        assert metrics.status_code == 200 and metrics.headers["content-type"].startswith("text/plain")
+        ok_llm = [line for line in metrics.text.splitlines()
+                  if line.startswith("ai_worker_provider_requests_total{") and 'api_type="llm"' in line
+                  and 'status="ok"' in line]
+        assert ok_llm and sum(float(line.rsplit(" ", 1)[1]) for line in ok_llm) == llm_calls
+        assert "ai_worker_provider_request_seconds_bucket" in metrics.text
+        assert (await http.get("/nothing-here")).status_code == 404
 
 
 async def test_platform_shapes_are_accepted(wenv: WorkerEnv) -> None:

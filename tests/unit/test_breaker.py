@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from structlog.testing import capture_logs
 
 from ai_worker.providers.breaker import BreakerBoard, BreakerState, CircuitBreaker
 
@@ -145,3 +146,98 @@ def test_board_keys_breakers_per_provider_and_model(clock: FakeClock) -> None:
     assert board.snapshot() == {"openai/gpt-x": "open", "openai/gpt-y": "closed", "other/gpt-x": "closed"}
     clock.advance(5)
     assert board.snapshot()["openai/gpt-x"] == "half_open"
+
+
+# --- defaults, validation, counting and logs (each kills a surviving mutant) ----------------------------------
+
+
+def _cooldowns(breaker: CircuitBreaker, clock: FakeClock, probes: int) -> list[float]:
+    """Open the breaker, then fail `probes` half-open probes in a row; the cooldown after each opening."""
+    _open(breaker)
+    seen = [breaker.retry_after_s()]
+    for _ in range(probes):
+        clock.advance(seen[-1])
+        assert breaker.allow()
+        breaker.record_failure()
+        seen.append(breaker.retry_after_s())
+    return seen
+
+
+def test_defaults_open_after_five_failures_for_30s_doubling_up_to_300s(clock: FakeClock) -> None:
+    breaker = CircuitBreaker("p/m", clock=clock)
+    for _ in range(4):
+        breaker.record_failure()
+    assert _state(breaker) is BreakerState.CLOSED and breaker.failures == 4
+    breaker.record_failure()
+    assert _state(breaker) is BreakerState.OPEN, "the fifth consecutive failure opens it"
+    assert _cooldowns(breaker, clock, 5) == [30.0, 60.0, 120.0, 240.0, 300.0, 300.0]
+
+
+def test_board_defaults_are_the_breaker_defaults(clock: FakeClock) -> None:
+    breaker = BreakerBoard(clock=clock).get("p", "m")
+    for _ in range(4):
+        breaker.record_failure()
+    assert _state(breaker) is BreakerState.CLOSED
+    breaker.record_failure()
+    assert _state(breaker) is BreakerState.OPEN
+    assert _cooldowns(breaker, clock, 5) == [30.0, 60.0, 120.0, 240.0, 300.0, 300.0]
+
+
+def test_board_passes_every_setting_to_its_breakers(clock: FakeClock) -> None:
+    breaker = BreakerBoard(failure_threshold=2, cooldown_s=10.0, max_cooldown_s=25.0, clock=clock).get("p", "m")
+    breaker.record_failure()
+    assert _state(breaker) is BreakerState.CLOSED
+    assert _cooldowns(breaker, clock, 2) == [10.0, 20.0, 25.0]
+
+
+def test_failures_are_counted_one_by_one(clock: FakeClock) -> None:
+    breaker = _breaker(clock, threshold=5)
+    for n in range(1, 5):
+        breaker.record_failure()
+        assert breaker.failures == n
+
+
+@pytest.mark.parametrize("kw", [{"failure_threshold": 1}, {"cooldown_s": 0.0, "max_cooldown_s": 0.0},
+                                {"cooldown_s": 7.0, "max_cooldown_s": 7.0}], ids=["threshold-1", "zero", "equal"])
+def test_boundary_settings_are_accepted(kw: dict[str, float]) -> None:
+    CircuitBreaker("p/m", **kw)  # type: ignore[arg-type]
+    BreakerBoard(**kw)  # type: ignore[arg-type]
+
+
+def test_threshold_of_one_opens_at_the_first_failure(clock: FakeClock) -> None:
+    breaker = CircuitBreaker("p/m", failure_threshold=1, cooldown_s=0.5, max_cooldown_s=1.0, clock=clock)
+    breaker.record_failure()
+    assert _state(breaker) is BreakerState.OPEN
+
+
+@pytest.mark.parametrize(("kw", "message"), [
+    ({"failure_threshold": 0}, "failure_threshold must be >= 1"),
+    ({"cooldown_s": -1.0}, "need 0 <= cooldown_s <= max_cooldown_s"),
+    ({"cooldown_s": 10.0, "max_cooldown_s": 5.0}, "need 0 <= cooldown_s <= max_cooldown_s"),
+], ids=["threshold-0", "negative-cooldown", "max-below-cooldown"])
+def test_bad_settings_are_refused_by_the_breaker_and_by_the_board_at_once(kw: dict[str, float],
+                                                                          message: str) -> None:
+    with pytest.raises(ValueError) as refused:
+        CircuitBreaker("p/m", **kw)  # type: ignore[arg-type]
+    assert str(refused.value) == message
+    with pytest.raises(ValueError) as refused:
+        BreakerBoard(**kw)  # type: ignore[arg-type]
+    assert str(refused.value) == message
+
+
+def test_opening_and_closing_are_logged(clock: FakeClock) -> None:
+    breaker = _breaker(clock, threshold=2, cooldown=10.0)
+    with capture_logs() as logs:
+        breaker.record_success()  # closed already: nothing to say
+        breaker.record_failure()
+        breaker.record_failure()
+        clock.advance(10.0)
+        assert breaker.allow()
+        breaker.record_success()
+    events = [{k: v for k, v in e.items() if k != "log_level"} for e in logs]
+    assert events == [
+        {"event": "circuit_breaker_opened", "breaker": "p/m", "failures": 2, "cooldown_s": 10.0},
+        {"event": "circuit_breaker_half_open", "breaker": "p/m", "cooldown_s": 10.0},
+        {"event": "circuit_breaker_closed", "breaker": "p/m", "previous": "half_open"},
+    ]
+    assert [e["log_level"] for e in logs] == ["warning", "info", "info"]

@@ -8,6 +8,7 @@ import random
 import httpx
 import pytest
 from pydantic import BaseModel, ValidationError
+from pymongo import errors as pymongo_errors
 
 from ai_worker import errors
 from ai_worker.jobs import build_registry
@@ -76,6 +77,19 @@ def test_connection_errors_are_retryable(exc: BaseException) -> None:
     error_type, retryable = classify(exc)
     assert retryable is True
     assert error_type == "connection_error"
+
+
+@pytest.mark.parametrize(
+    "exc",
+    [pymongo_errors.AutoReconnect("connection refused"), pymongo_errors.ServerSelectionTimeoutError("no server"),
+     pymongo_errors.NetworkTimeout("slow"), pymongo_errors.WriteConcernError("w", 64, {}),
+     pymongo_errors.PyMongoError("other")],
+    ids=["auto-reconnect", "server-selection", "network-timeout", "write-concern", "other"],
+)
+def test_database_errors_are_retryable(exc: BaseException) -> None:
+    """A database outage is transient: the task must be retried, not failed for good."""
+    assert classify(exc) == ("database_error", True)
+    assert RetryPolicy().decide(exc, attempt=1, max_attempts=2).retry is True
 
 
 def test_pydantic_validation_error_is_permanent() -> None:

@@ -3,9 +3,18 @@ endpoint, backed by MongoDB (database `generia_platform`: worlds, characters, po
 
 It follows the wire contract in CONTRACTS.md and is stricter than it needs to be where that catches
 worker bugs: uploads are checked against the presigned URL's signature, expiry and content type, media
-must be uploaded before it is confirmed and confirmed before it is used. It also honours the `request_id`
-idempotency key we added to CreateCharacter and CreateAIPost (the real platform ignores it): a repeated
-id returns the object created the first time. A post may be created without media (empty media_id).
+must be uploaded before it is confirmed and confirmed before it is used. A post may be created without
+media (empty media_id).
+
+Two modes for the `request_id` idempotency key we added to CreateCharacter and CreateAIPost:
+- `honour_request_id=True` (the default, "local" mode): a repeated id returns the object created the first
+  time, and the stored object's `create_calls` counts the calls that carried its id;
+- `honour_request_id=False` ("real" mode, `ai-worker platform --ignore-request-id`): like the platform's own
+  services, which ignore the field, every create call creates a new object. The request_id is still stored on
+  it (`create_calls` is 1), so a test can count the objects made per planned item: what the real platform
+  would hold after the same run.
+Every presigned upload URL handed out makes one `media` document (in both modes: the Media service has no
+idempotency key), so media per file name count the upload attempts per planned image.
 
 `fail_next(method, code, times)` makes the next calls of a method abort with a status, for tests.
 """
@@ -79,7 +88,9 @@ class LocalPlatform:
         http_port: int = 0,
         database: str = "generia_platform",
         public_url: str | None = None,
+        honour_request_id: bool = True,
     ) -> None:
+        self.honour_request_id = honour_request_id
         self._public_url = public_url.rstrip("/") if public_url else None
         self._mongo_uri = mongo_uri
         self._data_dir = Path(data_dir)
@@ -126,9 +137,13 @@ class LocalPlatform:
         self._client = AsyncMongoClient(self._mongo_uri, tz_aware=True)
         self._db = self._client[self._database_name]
         for name in ("characters", "posts"):
-            await self._db[name].create_index(
-                "request_id", unique=True, partialFilterExpression={"request_id": {"$type": "string"}}
-            )
+            if self.honour_request_id:
+                await self._db[name].create_index(
+                    "request_id", unique=True, partialFilterExpression={"request_id": {"$type": "string"}}
+                )
+            else:
+                await self._drop_unique_request_id_index(self._db[name])
+        await self._db["media"].create_index([("world_id", 1), ("filename", 1)])
         await self._db["characters"].create_index([("world_id", 1), ("real_user_id", 1)])
 
         app = web.Application(client_max_size=MAX_UPLOAD_BYTES)
@@ -158,6 +173,15 @@ class LocalPlatform:
         if client is not None:
             await client.close()
         self._db = None
+
+    @staticmethod
+    async def _drop_unique_request_id_index(col: AsyncCollection[Doc]) -> None:
+        """Real mode stores repeated request ids: an index left by a local-mode run on the same database
+        would refuse them."""
+        async for index in await col.list_indexes():
+            if index.get("unique") and dict(index.get("key", {})) == {"request_id": 1}:
+                log.warning("local platform (real mode): dropping the unique request_id index of %s", col.name)
+                await col.drop_index(index["name"])
 
     async def __aenter__(self) -> LocalPlatform:
         await self.start()
@@ -317,21 +341,30 @@ class LocalPlatform:
         ]
 
     async def _insert_once(self, collection: str, doc: Doc) -> Doc:
-        """Inserts `doc`, or returns the document already stored under its request_id."""
+        """Inserts `doc`, or (local mode) returns the document already stored under its request_id after
+        counting the call on it."""
         col = self._col(collection)
         request_id = doc.get("request_id")
-        if request_id is not None:
-            existing = await col.find_one({"request_id": request_id})
-            if existing is not None:
-                return existing
+        doc["create_calls"] = 1
+        if request_id is None or not self.honour_request_id:
+            await col.insert_one(doc)
+            return doc
+        existing = await self._count_repeat(col, request_id)
+        if existing is not None:
+            return existing
         try:
             await col.insert_one(doc)
         except DuplicateKeyError:
-            existing = await col.find_one({"request_id": request_id}) if request_id is not None else None
+            existing = await self._count_repeat(col, request_id)
             if existing is None:
                 raise
             return existing
         return doc
+
+    @staticmethod
+    async def _count_repeat(col: AsyncCollection[Doc], request_id: str) -> Doc | None:
+        found: Doc | None = await col.find_one_and_update({"request_id": request_id}, {"$inc": {"create_calls": 1}})
+        return found
 
     async def _confirmed_media(self, media_id: str, context: Context) -> Doc:
         media = await self._col("media").find_one({"_id": media_id})
@@ -419,7 +452,10 @@ class LocalPlatform:
     async def _user_characters(
         self, request: character_pb2.GetUserCharactersInWorldRequest, context: Context
     ) -> character_pb2.CharacterList:
-        cursor = self._col("characters").find({"world_id": request.world_id, "real_user_id": request.user_id})
+        # An AI character has no real user (CONTRACTS.md: "empty = AI character"), so an empty user_id lists
+        # the world's AI characters, whether their real_user_id is absent, null or empty.
+        user: Any = request.user_id if request.user_id else {"$in": ["", None]}
+        cursor = self._col("characters").find({"world_id": request.world_id, "real_user_id": user})
         docs = await cursor.to_list(None)
         return character_pb2.CharacterList(characters=[self._character_message(d) for d in docs])
 
@@ -570,8 +606,8 @@ class LocalPlatform:
         if not request.character_id or not request.world_id:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "character_id and world_id are required")
         request_id = request.request_id if request.HasField("request_id") and request.request_id else None
-        if request_id is not None:
-            existing = await self._col("posts").find_one({"request_id": request_id})
+        if request_id is not None and self.honour_request_id:
+            existing = await self._count_repeat(self._col("posts"), request_id)
             if existing is not None:
                 return post_pb2.CreatePostResponse(
                     post_id=str(existing["_id"]), created_at=_iso(existing.get("created_at"))

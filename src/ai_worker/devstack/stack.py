@@ -16,7 +16,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from ai_worker.devstack.processes import BrokerProcess, DatabaseProcess, create_topics
 
@@ -48,6 +48,7 @@ class StackInfo:
         default_factory=lambda: dict(zip(TOPIC_ROLES, DEFAULT_TOPICS, strict=True))
     )
     partitions: int = 8
+    platform_mode: str = "local"
 
     def worker_env(
         self,
@@ -120,6 +121,9 @@ class EmbeddedStack:
 
     ``db/`` (database storage), ``platform/`` (uploaded media of the local platform), ``logs/`` (the
     output of the broker and the database).
+
+    ``platform_mode``: "local" (the local platform honours our `request_id` idempotency key) or "real" (it
+    ignores it, as the platform's own services do: every create call creates; see LocalPlatform).
     """
 
     def __init__(
@@ -130,7 +134,11 @@ class EmbeddedStack:
         simulator_config: SimulatorConfig | None = None,
         partitions: int = 8,
         topics: Sequence[str] = DEFAULT_TOPICS,
+        platform_mode: Literal["local", "real"] = "local",
     ) -> None:
+        if platform_mode not in ("local", "real"):
+            raise ValueError(f"platform_mode must be 'local' or 'real', not {platform_mode!r}")
+        self.platform_mode = platform_mode
         self.data_dir = Path(data_dir).resolve()
         self.use_simulator = simulator
         self.simulator_config = simulator_config
@@ -181,7 +189,8 @@ class EmbeddedStack:
 
             platform_dir = self.data_dir / "platform"
             platform_dir.mkdir(parents=True, exist_ok=True)
-            self._platform = LocalPlatform(mongo_uri=self.db.uri, data_dir=platform_dir)
+            self._platform = LocalPlatform(mongo_uri=self.db.uri, data_dir=platform_dir,
+                                           honour_request_id=self.platform_mode == "local")
             await self._platform.start()
         except BaseException:
             await self.stop()
@@ -195,6 +204,7 @@ class EmbeddedStack:
             data_dir=str(self.data_dir),
             topics=dict(self._topic_map),
             partitions=self.partitions,
+            platform_mode=self.platform_mode,
         )
         return self._info
 

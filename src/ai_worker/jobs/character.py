@@ -1,4 +1,11 @@
-"""generate_character: create the AI character on the platform, then its avatar and post batches."""
+"""generate_character: create the AI character on the platform, then its avatar and post batches.
+
+The platform's Character service ignores our `request_id`, so a retried attempt that has no memoised
+character id (the previous attempt died, or lost its database, between `CreateCharacter` and saving the id)
+first looks for the character that attempt may have made: one of this world's AI characters
+(`GetUserCharactersInWorld` with an empty user id) whose `meta` carries this task's username and whose
+display name matches. Usernames are unique within a world (the batches drop repeats), and the spec is fixed
+by the task's parameters, so the match is the character this task made."""
 
 from __future__ import annotations
 
@@ -38,6 +45,12 @@ class GenerateCharacter(Job[CharacterParams]):
         meta = json.dumps(spec.model_dump(exclude={"avatar_prompt"}), ensure_ascii=False)
 
         async def create() -> str:
+            if ctx.attempt > 1:
+                existing = await find_created(ctx, spec)
+                if existing is not None:
+                    ctx.log.info("character made by an earlier attempt found; not creating it again",
+                                 character_id=existing)
+                    return existing
             created = await ctx.platform.characters.create_character(
                 world_id=ctx.world_id, display_name=spec.display_name, meta=meta,
                 request_id=ctx.request_id("create_character"), call=ctx.call("create_character"),
@@ -53,6 +66,22 @@ class GenerateCharacter(Job[CharacterParams]):
                 character_id=character_id, character_index=params.index, character=spec, batch_index=0,
                 start_index=0, count=min(BATCH_SIZE, params.posts_count), total=params.posts_count))
         return {"character_id": character_id, "username": spec.username}
+
+
+async def find_created(ctx: JobContext, spec: CharacterSpec) -> str | None:
+    """The id of this world's AI character made for `spec` by an earlier attempt, if any."""
+    characters = await ctx.platform.characters.list_characters_in_world(
+        ctx.world_id, call=ctx.call("find_character"))
+    for character in characters:
+        if not character.is_ai or character.display_name != spec.display_name or not character.meta:
+            continue
+        try:
+            meta = json.loads(character.meta)
+        except ValueError:
+            continue
+        if isinstance(meta, dict) and meta.get("username") == spec.username:
+            return character.id
+    return None
 
 
 JOB = GenerateCharacter

@@ -340,6 +340,22 @@ class CharacterClient(_ServiceClient):
         )
         return _character_info(response)
 
+    async def list_characters_in_world(
+        self, world_id: str, *, user_id: str = "", call: CallContext | None = None
+    ) -> list[CharacterInfo]:
+        """`GetUserCharactersInWorld`: the characters of `user_id` in a world. An empty `user_id` (the
+        default) asks for the world's AI characters, whose `real_user_id` is empty (CONTRACTS.md)."""
+        request = character_pb2.GetUserCharactersInWorldRequest(user_id=user_id, world_id=world_id)
+        response: character_pb2.CharacterList = await self._call(
+            "GetUserCharactersInWorld",
+            request,
+            character_pb2.CharacterList.FromString,
+            call=call,
+            request_data={"world_id": world_id, "user_id": user_id},
+            summarize=lambda r: {"characters": len(r.characters)},
+        )
+        return [_character_info(c) for c in response.characters]
+
     async def health_check(self) -> str:
         response: character_pb2.HealthCheckResponse = await self._call(
             "HealthCheck",
