@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 from harness import FAST, chaos_stack
-from invariants import check_world, record_result
+from invariants import record_result
 
 LEASE_S = 4.0
 TIMEOUTS = {  # seconds per attempt, short so that a hang is cut off quickly
@@ -71,7 +71,7 @@ async def run_c8(tmp_path: Path, *, users: int, posts: int, timeout_s: float, se
             await watcher
         elapsed = time.monotonic() - t0
         assert status == "completed", c.tails(NAMES)
-        report = await check_world(c.client, c.env.database, world_id, users=users, posts=posts)
+        report = await c.check(world_id, users=users, posts=posts)
         assert c.stack.simulator.stats["hang"] > 0 and c.stack.platform.hung > 0, "no hang was injected"
         over = {t: round(s, 1) for t, s in longest.items() if s > TIMEOUTS[t] + LEASE_S + 1.0}
         assert not over, f"tasks in progress longer than their timeout plus one lease: {over}"
