@@ -245,7 +245,10 @@ class _Faker:
             return self.title()
         if key in ("tag", "tags", "hashtag"):
             return f"{self.rng.choice(_ADJ)}{self.rng.choice(_NOUN)}"
-        if key in ("theme", "themes", "interest", "interests", "topic", "angle", "tone"):
+        if key == "topic":  # many per character: from a large space, so distinct topics are easy to find
+            rng = self.rng
+            return f"how the {self.phrase()} {rng.choice(_VERB)} the {rng.choice(_NOUN)}"
+        if key in ("theme", "themes", "interest", "interests", "angle", "tone"):
             return self.phrase()
         if key in ("occupation", "role", "job"):
             return self.rng.choice(_ROLE).replace("_", " ")
