@@ -122,9 +122,14 @@ def test_sighup_stops_everything(mode: str, tmp_path: Path) -> None:
         survivors = [pid for pid in family if _alive(pid)]
         assert not survivors, f"still running after SIGHUP: {survivors}"
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        if proc.poll() is None:  # the test failed before the SIGHUP: stop dev the clean way, then make sure
+            family |= _descendants(proc.pid)
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
         for pid in family:
             if _alive(pid):
                 os.kill(pid, signal.SIGKILL)

@@ -21,7 +21,8 @@ pytestmark = pytest.mark.integration
 
 def _world(status: str, created: datetime, **extra: Any) -> dict[str, Any]:
     doc = new_status_document(users=2, posts=4, user_prompt="a world", task_predicted=10, llm_call_limit=50,
-                              image_call_limit=50, budget_usd=None, now=created)
+                              image_call_limit=50, budget_usd=None, now=created,
+                              first_task_type="init_world_creation")
     doc.update(status=status, **extra)
     return doc
 
