@@ -56,6 +56,8 @@ from ai_worker.worlds.status import WorldStatusStore
 
 log = structlog.get_logger(__name__)
 
+STATS_FLUSH_S = 2.0  # the per-model summary is written every 2 s (providers/stats.py)
+
 
 def mongo_client(settings: Settings) -> AsyncMongoClient[dict[str, Any]]:
     # AI_WORKER_DB_STATS_FILE set (the benches): count the commands sent (observability/dbstats.py).
@@ -150,7 +152,7 @@ async def _start(settings: Settings, stack: contextlib.AsyncExitStack, stop: asy
     db = mongo[settings.mongodb_database]
     store = TaskStore(db)
     status = WorldStatusStore(db)
-    recorder = MongoRecorder(db)
+    recorder = MongoRecorder(db, stats_flush_s=STATS_FLUSH_S)
     _closing(stack, "request history", recorder.aclose)  # records kept through an outage: last chance
     try:
         for owner in (store, status, recorder):

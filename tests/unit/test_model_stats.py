@@ -9,7 +9,9 @@ import pytest
 
 from ai_worker.providers.stats import (
     LATENCY_BOUNDS_MS,
+    STATS_COLLECTION,
     ModelStatsRow,
+    ModelStatsStore,
     bucket_of,
     days_back,
     rows_from_docs,
@@ -105,3 +107,32 @@ def test_prometheus_counts_provider_calls() -> None:
     after = value("ai_worker_provider_requests_total", api_type="llm", model="prom/m", status="ok", fallback="true")
     assert after - before == 1
     assert value("ai_worker_provider_cost_usd_total", api_type="llm", model="prom/m") >= 0.5
+
+
+class _StatsCol:
+    def __init__(self) -> None:
+        self.updates: list[tuple[dict[str, Any], dict[str, Any]]] = []
+
+    async def update_one(self, query: dict[str, Any], update: dict[str, Any], upsert: bool = False) -> None:
+        self.updates.append((query, update))
+
+
+async def test_attempts_are_summed_in_the_process_and_written_once_per_model_and_day() -> None:
+    col = _StatsCol()
+    store = ModelStatsStore({STATS_COLLECTION: col}, flush_s=60)  # type: ignore[arg-type]
+    for status in ("ok", "ok", "error"):
+        await store.add(record(status=status))
+    await store.add(record(model="other/model"))
+    assert col.updates == []  # nothing written per call
+    await store.aclose()  # a worker that stops writes what it holds
+    assert len(col.updates) == 2
+    by_model = {q["_id"].split("|")[-1]: u["$inc"] for q, u in col.updates}
+    assert (by_model[record()["model"]]["calls"], by_model[record()["model"]]["errors"]) == (3, 1)
+    assert by_model["other/model"]["calls"] == 1
+
+
+async def test_without_a_flush_interval_each_attempt_is_written_at_once() -> None:
+    col = _StatsCol()
+    store = ModelStatsStore({STATS_COLLECTION: col})  # type: ignore[arg-type]
+    await store.add(record())
+    assert len(col.updates) == 1

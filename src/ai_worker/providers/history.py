@@ -83,10 +83,11 @@ class MongoRecorder:
     background until it is (`pending`), so the history ends up equal to what the providers billed; a world
     that finished meanwhile has its counters set again from the completed history."""
 
-    def __init__(self, db: Database, *, retry_s: float = 0.5, max_pending: int = 100_000) -> None:
+    def __init__(self, db: Database, *, retry_s: float = 0.5, max_pending: int = 100_000,
+                 stats_flush_s: float = 0.0) -> None:
         self._history: Collection = db[HISTORY_COLLECTION]
         self._worlds = WorldStatusStore(db)
-        self._stats = ModelStatsStore(db)
+        self._stats = ModelStatsStore(db, flush_s=stats_flush_s)
         self._retry_s = retry_s
         self._max_pending = max_pending
         self._pending: list[Document] = []
@@ -157,7 +158,7 @@ class MongoRecorder:
         return len(batch)
 
     async def aclose(self) -> None:
-        """Last chance for records kept in memory (at shutdown)."""
+        """Last chance for records kept in memory (at shutdown), and for the summary's pending counts."""
         if self._flusher is not None:
             self._flusher.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -167,6 +168,10 @@ class MongoRecorder:
                 await self.flush()
             except Exception as exc:
                 log.error("request_history_lost_at_shutdown", records=len(self._pending), error=str(exc))
+        try:
+            await self._stats.aclose()
+        except Exception as exc:
+            log.warning("model_stats_lost_at_shutdown", error=str(exc))
 
     async def sync_world(self, world_id: str, *, finished_too: bool = False) -> None:
         """Set the world's call counters and cost totals to what the history holds (the truth).

@@ -9,17 +9,22 @@ computes them exactly from `api_requests_history` instead.
 
 from __future__ import annotations
 
+import asyncio
 import bisect
+import contextlib
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import structlog
 from pymongo import ASCENDING
 from pymongo.errors import DuplicateKeyError
 
 from ai_worker.mongo import Collection, Database
+
+log = structlog.get_logger(__name__)
 
 STATS_COLLECTION = "model_stats"
 
@@ -174,20 +179,71 @@ def days_back(days: int, now: datetime | None = None) -> list[str]:
 
 
 class ModelStatsStore:
-    """The owner of `model_stats`: one `$inc` per recorded attempt, and the summary of the last days."""
+    """The owner of `model_stats`: every recorded attempt adds to its day's document, and the summary of the
+    last days reads them.
 
-    def __init__(self, db: Database) -> None:
+    Attempts are summed in the process and written every `flush_s` seconds, one `$inc` per (day, API type,
+    model) that saw calls, so the summary costs no database round trip per call (`flush_s=0` writes each
+    attempt at once). The cost: a worker killed -9 loses up to `flush_s` of the summary (not of the history,
+    which is the ledger); a worker that stops normally writes what it holds."""
+
+    def __init__(self, db: Database, *, flush_s: float = 0.0) -> None:
         self._col: Collection = db[STATS_COLLECTION]
+        self._flush_s = flush_s
+        self._pending: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {}
+        self._flusher: asyncio.Task[None] | None = None
 
     async def ensure_indexes(self) -> None:
         await self._col.create_index([("day", ASCENDING)])
 
     async def add(self, record: Mapping[str, Any]) -> None:
         """Add one history record to its day's document (created by the first record of the day)."""
+        query, update = stats_update(record)
+        if self._flush_s <= 0:
+            await self._write(query, update)
+            return
+        key = str(query["_id"])
+        held = self._pending.get(key)
+        if held is None:
+            self._pending[key] = (query, update)
+        else:
+            inc = held[1]["$inc"]
+            for name, value in update["$inc"].items():
+                inc[name] = inc.get(name, 0) + value
+            held[1]["$set"] = update["$set"]
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.get_running_loop().create_task(self._flush_later())
+
+    async def _write(self, query: dict[str, Any], update: dict[str, Any]) -> None:
         try:
-            await self._col.update_one(*stats_update(record), upsert=True)
+            await self._col.update_one(query, update, upsert=True)
         except DuplicateKeyError:  # two processes created the day's document at once: it exists now
-            await self._col.update_one(*stats_update(record), upsert=True)
+            await self._col.update_one(query, update, upsert=True)
+
+    async def _flush_later(self) -> None:
+        await asyncio.sleep(self._flush_s)
+        try:
+            await self.flush()
+        except Exception as exc:  # a summary: kept for the next flush
+            log.warning("model_stats_flush_failed", error=str(exc), error_type=type(exc).__name__)
+
+    async def flush(self) -> None:
+        """Write what the process holds (kept for the next flush when the database refuses it)."""
+        pending, self._pending = self._pending, {}
+        for key, (query, update) in pending.items():
+            try:
+                await self._write(query, update)
+            except BaseException:
+                self._pending.setdefault(key, (query, update))
+                raise
+
+    async def aclose(self) -> None:
+        if self._flusher is not None and not self._flusher.done():
+            self._flusher.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._flusher
+        if self._pending:
+            await self.flush()
 
     async def rows(self, *, days: int = 1) -> list[ModelStatsRow]:
         """The summary of the last `days` UTC days (exact figures for one world come from the history:
