@@ -26,6 +26,7 @@ from ai_worker.observability.health import HealthServer
 from ai_worker.platform.clients import PlatformClients
 from ai_worker.providers.breaker import BreakerBoard
 from ai_worker.providers.budget import MongoBudget
+from ai_worker.providers.cost import BudgetPolicy, default_budget
 from ai_worker.providers.history import MongoRecorder
 from ai_worker.providers.ratelimit import MongoRateLimiter
 from ai_worker.providers.routing import ModelRouter, concurrency
@@ -99,8 +100,8 @@ async def run_worker(settings: Settings, stop: asyncio.Event | None = None) -> N
     )
     policy = RetryPolicy(base_delay_s=settings.retry_base_delay_s, max_delay_s=settings.retry_max_delay_s)
     registry = build_registry(max_attempts=settings.task_max_attempts)
-    budget_usd = settings.world_budget_usd
-    progress = WorldProgress(status, registry, default_budget=lambda _plan: budget_usd)
+    progress = WorldProgress(status, registry, default_budget=default_budget(
+        registry.predict, settings.models, BudgetPolicy.from_settings(settings), enhance=settings.image_prompt_enhance))
     engine = Engine(store=store, progress=progress, registry=registry, context_factory=JobContext.factory(services),
                     accounting=recorder, publisher=producer, worker_id=settings.worker_id,
                     lease_s=settings.task_lease_s, policy=policy)

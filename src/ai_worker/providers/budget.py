@@ -29,6 +29,9 @@ log = structlog.get_logger(__name__)
 
 Kind = CallKind
 BUDGETS_COLLECTION = "budgets"
+RAISE_HINT = ("To give worlds more: the task's budget_usd parameter (ai-worker send --budget-usd), or the worker's "
+              "WORLD_BUDGET_USD (one cap for every world) or WORLD_BUDGET_FACTOR (default cap = factor x the world's "
+              "predicted cost, see ai-worker cost); budgets are fixed when a world starts.")
 _CAP_CACHE_SIZE = 4096
 
 
@@ -108,7 +111,7 @@ class MongoBudget:
             raise BudgetExceeded(f"world call limit reached: {limit} {kind} calls")
         raise BudgetExceeded(
             f"world budget of ${cap:.4f} would be exceeded: ${float(doc.get('budget_committed_usd', 0.0)):.4f} "
-            f"committed, this call may cost up to ${amount:.4f}")
+            f"committed, this call may cost up to ${amount:.4f}. {RAISE_HINT}")
 
     async def _reserve_daily(self, amount: float) -> str:
         day = "daily:" + datetime.now(UTC).strftime("%Y-%m-%d")
@@ -117,7 +120,7 @@ class MongoBudget:
         res = await self._budgets.update_one(
             {"_id": day, "committed_usd": {"$lte": self._daily_cap - amount}}, {"$inc": {"committed_usd": amount}})
         if not res.matched_count:
-            raise BudgetExceeded(f"daily budget of ${self._daily_cap:.2f} would be exceeded")
+            raise BudgetExceeded(f"daily budget of ${self._daily_cap:.2f} would be exceeded (DAILY_BUDGET_USD)")
         return day
 
     async def settle(self, reservation: Reservation, actual_cost: float) -> None:
