@@ -79,7 +79,7 @@ def test_table_output(monkeypatch: pytest.MonkeyPatch) -> None:
     assert result.exit_code == 0, result.output
     out = result.output
     assert "25 characters / 150 posts" in out
-    for text in ("post_image", "runware:100@1", "512x512", "384x384", "480 + 67 tok", "LLM", "images",
+    for text in ("post_image", "runware:100@1", "512x512", "384x384", "484 + 68 tok", "LLM", "images",
                  "per post", "default budget $1.00", "WORLD_BUDGET_FACTOR"):
         assert text in out, text
     assert f"${BENCH['default']['predicted']['total_usd']:.4f}" in out

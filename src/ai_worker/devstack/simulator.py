@@ -271,7 +271,9 @@ class _Faker:
             return self.title()
         if key in ("tag", "tags", "hashtag"):
             return f"{self.rng.choice(_ADJ)}{self.rng.choice(_NOUN)}"
-        if key in ("theme", "themes", "interest", "interests", "topic", "angle", "tone"):
+        if key == "topic":  # 4096 combinations, not 256: a character's 20+ topics rarely repeat, as a model's
+            return f"{self.phrase()} by the {self.rng.choice(_NOUN)}"
+        if key in ("theme", "themes", "interest", "interests", "angle", "tone"):
             return self.phrase()
         if key in ("occupation", "role", "job"):
             return self.rng.choice(_ROLE).replace("_", " ")
