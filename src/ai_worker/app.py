@@ -42,6 +42,7 @@ from ai_worker.observability.worker_checks import worker_readiness
 from ai_worker.platform.clients import PlatformClients
 from ai_worker.providers.breaker import BreakerBoard
 from ai_worker.providers.budget import MongoBudget
+from ai_worker.providers.cost import BudgetPolicy, default_budget
 from ai_worker.providers.history import MongoRecorder
 from ai_worker.providers.ratelimit import MongoRateLimiter
 from ai_worker.providers.routing import ModelRouter, provider_slots
@@ -212,9 +213,8 @@ async def _start(settings: Settings, stack: contextlib.AsyncExitStack, stop: asy
     )
     policy = RetryPolicy(base_delay_s=settings.retry_base_delay_s, max_delay_s=settings.retry_max_delay_s)
     registry = build_registry(max_attempts=settings.task_max_attempts, timeouts_s=settings.task_timeouts_s)
-    budget_usd = settings.world_budget_usd
-    progress = WorldProgress(status, registry, tasks=store, accounting=recorder,
-                             default_budget=lambda _plan: budget_usd)
+    progress = WorldProgress(status, registry, tasks=store, accounting=recorder, default_budget=default_budget(
+        registry.predict, settings.models, BudgetPolicy.from_settings(settings), enhance=settings.image_prompt_enhance))
     engine = Engine(store=store, progress=progress, registry=registry, context_factory=JobContext.factory(services),
                     publisher=producer, worker_id=settings.worker_id, lease_s=settings.task_lease_s, policy=policy)
     consumer = TaskConsumer(

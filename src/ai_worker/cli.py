@@ -1,4 +1,4 @@
-"""The command line: run, dev, send, status, cancel, dlq, models, console, platform."""
+"""The command line: run, dev, send, status, worlds, tasks, cancel, retry, dlq, models, cost, console, platform."""
 
 from __future__ import annotations
 
@@ -77,7 +77,8 @@ def send(
     database: DatabaseOpt = None,
     topic: TopicOpt = None,
     budget_usd: Annotated[float | None, typer.Option(min=0, help="Money cap of this world (default: the worker's "
-                                                                  "WORLD_BUDGET_USD)")] = None,
+                                                                  "WORLD_BUDGET_USD, else WORLD_BUDGET_FACTOR x "
+                                                                  "the predicted cost: ai-worker cost)")] = None,
     idempotency_key: Annotated[str | None, typer.Option(
         help="Derive the world and task ids from KEY: sending again with the same key inserts nothing new and "
              "only publishes the event again")] = None,
@@ -379,6 +380,17 @@ models_app = typer.Typer(help="The model registry and per-model statistics.", no
 app.add_typer(models_app, name="models")
 
 
+def _image_price(m: Any, step: str) -> str:
+    """An image model's price as `models list` shows it: per image, or per megapixel with the step's size."""
+    if not m.price_per_mpx:
+        return f"${m.price_per_image:g}/image"
+    from ai_worker.providers.cost import DELIVERED_SIZES
+
+    w, h = m.source_size(step, *DELIVERED_SIZES.get(step, (512, 512)))
+    base = f"${m.price_per_image:g} + " if m.price_per_image else ""
+    return f"{base}${m.price_per_mpx:g}/Mpx ({w}x{h}: ${m.image_price(w, h):.5f})"
+
+
 @models_app.command("list")
 def models_list() -> None:
     """Which model serves each step (with its fallbacks), from the registry file and the environment."""
@@ -397,7 +409,7 @@ def models_list() -> None:
         table = Table("step", "model", "provider", "fallbacks", "price", "limits")
         for step, chain in registry.assignments().items():
             m = registry.primary(step)
-            price = (f"${m.price_per_image:g}/image" if m.kind == "image"
+            price = (_image_price(m, step) if m.kind == "image"
                      else f"${m.price_in_per_mtok:g}/${m.price_out_per_mtok:g} per Mtok")
             limits = ", ".join(f"{k} {v}" for k, v in (("rpm", m.limits.rpm), ("tpm", m.limits.tpm),
                                                        ("tpd", m.limits.tpd), ("conc", m.max_concurrent)) if v)
@@ -488,6 +500,67 @@ def console_command(
     except OSError as exc:
         err_console.print(f"[bold red]could not start the console[/]: {exc}")
         raise typer.Exit(1) from None
+
+
+@app.command()
+def cost(
+    users: Annotated[int, typer.Option(min=1, help="Number of AI characters")] = 25,
+    posts: Annotated[int, typer.Option(min=0, help="Number of posts in total")] = 150,
+    image_model: Annotated[str | None, typer.Option(help="Price the images with this model (as IMAGE_MODEL)")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table")] = False,
+) -> None:
+    """Predicted cost of a world before it is started, per step, at the registry's prices; and the default
+    budget the worker would give it. Needs neither the database nor the broker."""
+    import json
+
+    from rich.table import Table
+
+    from ai_worker.jobs import build_registry
+    from ai_worker.providers.cost import BudgetPolicy, predict_world_cost
+    from ai_worker.providers.registry import RegistryError
+    from ai_worker.worlds.plan import WorldPlan
+
+    overrides: dict[str, Any] = {name: os.environ.get(name) or "unset" for name in ("MONGODB_URI", "KAFKA_BROKERS")}
+    if image_model:
+        overrides.update(IMAGE_MODEL=image_model, IMAGE_PROVIDER=None)
+    try:
+        settings = load_settings(check=False, **overrides)
+        registry = settings.models
+        plan = WorldPlan(users=users, posts=posts)
+        estimate = predict_world_cost(plan, build_registry().predict(plan), registry,
+                                      enhance=settings.image_prompt_enhance)
+    except (ConfigError, RegistryError) as exc:
+        err_console.print(f"[bold red]configuration error[/]: {exc}")
+        raise typer.Exit(2) from None
+    policy = BudgetPolicy.from_settings(settings)
+    budget = policy.budget(estimate.total_usd)
+    unknown = sorted({s.model for s in estimate.steps} - set(registry.table.models) - {"offline"})
+    if as_json:
+        console.print_json(json.dumps({**estimate.as_dict(), "default_budget_usd": budget,
+                                       "budget_rule": policy.describe(), "models_not_in_registry": unknown}))
+        return
+    table = Table("step", "model", "calls", "per call", "price per call $", "cost $",
+                  title=f"predicted cost of a world of {users} characters / {posts} posts")
+    for s in estimate.steps:
+        per_call = (f"{s.prompt_tokens} + {s.completion_tokens} tok" if s.kind == "llm"
+                    else f"{s.size[0]}x{s.size[1]}" if s.size else "-")
+        table.add_row(s.step, s.model, str(s.calls), per_call, f"{s.unit_usd:.6f}", f"{s.cost_usd:.4f}")
+    console.print(table)
+
+    def share(part: float) -> str:
+        return f"{100 * part / estimate.total_usd:.0f} %" if estimate.total_usd else "-"
+
+    console.print(f"LLM     ${estimate.llm_usd:.4f} ({estimate.calls('llm')} calls, {share(estimate.llm_usd)})")
+    console.print(f"images  ${estimate.image_usd:.4f} ({estimate.calls('image')} images, "
+                  f"{share(estimate.image_usd)})")
+    console.print(f"[bold]total   ${estimate.total_usd:.4f}[/]"
+                  + (f", ${estimate.per_post_usd:.5f} per post" if estimate.per_post_usd is not None else ""))
+    console.print(f"default budget ${budget:.2f}: {policy.describe()}; a task's budget_usd wins")
+    console.print("[dim]tokens per call: models.toml \\[tokens.<step>], measured on the provider simulator; a real "
+                  "model's differ. Retries and fallbacks are not predicted: the budget's factor is their room.[/]")
+    for model in unknown:
+        err_console.print(f"[yellow]warning[/]: {model!r} is not in the model registry: priced at the flat "
+                          "IMAGE_PRICE_USD / LLM_PRICE_* prices")
 
 
 @app.command()

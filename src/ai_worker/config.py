@@ -76,7 +76,9 @@ class Settings(BaseSettings):
     max_concurrent_llm_requests: int | None = Field(None, alias="MAX_CONCURRENT_LLM_REQUESTS", ge=1)
 
     # --- budgets (reserved before every paid call) --------------------------------------------------
-    world_budget_usd: float = Field(25.0, alias="WORLD_BUDGET_USD", ge=0)
+    world_budget_usd: float | None = Field(None, alias="WORLD_BUDGET_USD", ge=0)  # explicit cap of every world
+    world_budget_factor: float = Field(3.0, alias="WORLD_BUDGET_FACTOR", gt=0)  # else factor x predicted cost
+    world_budget_min_usd: float = Field(1.0, alias="WORLD_BUDGET_MIN_USD", ge=0)  # ... and at least this
     daily_budget_usd: float = Field(0.0, alias="DAILY_BUDGET_USD", ge=0)
     llm_price_in_per_mtok: float = Field(0.30, alias="LLM_PRICE_IN_PER_MTOK", ge=0)
     llm_price_out_per_mtok: float = Field(2.50, alias="LLM_PRICE_OUT_PER_MTOK", ge=0)
@@ -200,10 +202,7 @@ class Settings(BaseSettings):
         except RegistryError as exc:
             raise ConfigError(f"invalid configuration:\n  MODEL_REGISTRY_FILE: {exc}") from None
         if missing:
-            raise ConfigError(
-                "missing API key(s):\n  " + "\n  ".join(missing)
-                + "\n(images can also use IMAGE_PROVIDER=offline)"
-            )
+            raise ConfigError("missing API key(s):\n  " + "\n  ".join(missing) + "\n" + self._image_hint())
         from ai_worker.jobs import build_registry  # the jobs need the settings module: import late
 
         for name, overrides in (("TASK_MAX_ATTEMPTS", {"max_attempts": self.task_max_attempts}),
@@ -212,6 +211,17 @@ class Settings(BaseSettings):
                 build_registry(**overrides)
             except ValueError as exc:
                 raise ConfigError(f"invalid configuration:\n  {name}: {exc}") from None
+
+    def _image_hint(self) -> str:
+        """How else images can be drawn: another image model of the registry whose key is set, or offline."""
+        registry = self.models
+        usable = [registry.model(name, "image") for name, m in registry.table.models.items() if m.kind == "image"]
+        usable = [m for m in usable if m.provider_kind != "offline" and m.usable]
+        if not usable:
+            return "(images can also use IMAGE_PROVIDER=offline)"
+        alt = usable[0]
+        return (f"(images can also use IMAGE_MODEL={alt.id}, whose key is set, at ${alt.image_price(512, 512):g} "
+                f"an image (see `ai-worker cost --image-model {alt.id}`), or IMAGE_PROVIDER=offline)")
 
 
 def load_settings(*, check: bool = True, **overrides: object) -> Settings:

@@ -84,7 +84,8 @@ async def _try(budget: MongoBudget, call: CallContext, amount: float) -> bool:
 
 async def test_world_over_budget_fails_with_budget_exceeded(wenv: WorkerEnv) -> None:
     await wenv.create_topics()
-    worker = wenv.start_worker(IMAGE_PRICE_USD="0.039")
+    # The Gemini image model: its registry price ($0.039) is what the simulator charges by default.
+    worker = wenv.start_worker(IMAGE_MODEL="google/gemini-2.5-flash-image", IMAGE_PRICE_USD="0.039")
     client = mongo(wenv.info)
     db = client[wenv.database]
     try:
@@ -102,6 +103,8 @@ async def test_world_over_budget_fails_with_budget_exceeded(wenv: WorkerEnv) -> 
         assert status["budget_committed_usd"] <= 0.05 + 1e-9
         failed = [t async for t in db["tasks"].find({"world_id": world_id, "status": "failed"})]
         assert any(t.get("error_type") == "budget_exceeded" for t in failed)
+        refused = [t["error"] for t in failed if "would be exceeded" in (t.get("error") or "")]
+        assert refused and all("--budget-usd" in e and "WORLD_BUDGET_FACTOR" in e for e in refused)  # how to raise
         assert await db["tasks"].count_documents(
             {"world_id": world_id, "status": {"$in": ["pending", "in_progress"]}}) == 0
         # The status tells the truth: every stage whose work was cut short is failed, never completed.
@@ -115,6 +118,33 @@ async def test_world_over_budget_fails_with_budget_exceeded(wenv: WorkerEnv) -> 
         assert status["users_created"] <= status["users_predicted"] == 3
         rendered = _render(status)
         assert f"{status['posts_created']}/6" in rendered and "budget_exceeded" in rendered
+    finally:
+        await client.close()
+
+
+async def test_default_budget_is_scaled_to_the_predicted_cost(wenv: WorkerEnv) -> None:
+    """No budget_usd on the task and no WORLD_BUDGET_USD: the cap is WORLD_BUDGET_FACTOR x the predicted cost
+    (at least WORLD_BUDGET_MIN_USD); a task's budget_usd still wins."""
+    from ai_worker.config import load_settings
+    from ai_worker.jobs import build_registry
+    from ai_worker.providers.cost import predict_world_cost
+    from ai_worker.worlds.plan import WorldPlan
+
+    await wenv.create_topics()
+    worker = wenv.start_worker(WORLD_BUDGET_FACTOR="200", WORLD_BUDGET_MIN_USD="0.05")
+    client = mongo(wenv.info)
+    try:
+        scaled = wenv.send_message("--prompt", "A lighthouse archipelago", "--users", "3", "--posts", "6")
+        capped = wenv.send_message("--prompt", "A lighthouse archipelago", "--users", "3", "--posts", "6",
+                                   "--budget-usd", "0.8")
+        plan = WorldPlan(3, 6)
+        settings = load_settings(check=False, MONGODB_URI="unset", KAFKA_BROKERS="unset")
+        predicted = predict_world_cost(plan, build_registry().predict(plan), settings.models).total_usd
+        for world_id, expected in ((scaled, 200 * predicted), (capped, 0.8)):
+            status = await wait_world(client, wenv.database, world_id, procs=[worker])
+            assert status["status"] == "completed", status
+            assert status["budget_usd"] == pytest.approx(expected, abs=0.011)
+            assert status["llm_cost_total"] + status["image_cost_total"] <= status["budget_usd"]
     finally:
         await client.close()
 

@@ -90,7 +90,10 @@ async def test_rate_limits_hold_over_60s_with_two_worker_processes(wenv: WorkerE
     await sim_config(wenv.info, {llm_model: {"rpm_limit": RPM, "latency_ms": 50},
                                  image_model: {"rpm_limit": RPM, "latency_ms": 50}})
     await wenv.create_topics()
-    env = {"MODEL_REGISTRY_FILE": str(registry), "LLM_MAX_TOKENS": "2000", "PROVIDER_RETRY_MAX_S": "2"}
+    # WORLD_BUDGET_USD: this registry prices images at $0.01 while the simulator charges its default $0.039, so
+    # the default cap (a factor over the predicted cost at the registry's prices) would stop the world early.
+    env = {"MODEL_REGISTRY_FILE": str(registry), "LLM_MAX_TOKENS": "2000", "PROVIDER_RETRY_MAX_S": "2",
+           "WORLD_BUDGET_USD": "25"}
     workers = [wenv.start_worker("w1", **env), wenv.start_worker("w2", **env)]
     client = mongo(wenv.info)
     try:

@@ -70,8 +70,9 @@ async def test_money_cap_allows_exactly_the_cap_and_refuses_past_it() -> None:
     await budget.reserve(CALL, "llm", 0.25)  # lands exactly on the cap
     with pytest.raises(BudgetExceeded) as refused:
         await budget.reserve(CALL, "llm", 0.125)
-    assert str(refused.value) == ("world budget of $1.0000 would be exceeded: $1.0000 committed, this call may cost "
-                                  "up to $0.1250")
+    assert str(refused.value).startswith("world budget of $1.0000 would be exceeded: $1.0000 committed, this call "
+                                         "may cost up to $0.1250. To give worlds more: ")
+    assert "retry WORLD_ID --budget-usd" in str(refused.value)
     assert world(db)["budget_committed_usd"] == 1.0 and world(db)["api_calls_reserved_LLM"] == 2
 
 
@@ -132,7 +133,7 @@ async def test_daily_cap_is_shared_and_exact() -> None:
     assert first.day is not None and first.day.startswith("daily:") and len(first.day) == len("daily:2025-01-01")
     await MongoBudget(db, daily_cap_usd=1.0).reserve(NO_WORLD, "image", 0.5)  # another worker, same day
     assert daily(db)["committed_usd"] == 1.0
-    with pytest.raises(BudgetExceeded, match=r"^daily budget of \$1\.00 would be exceeded$"):
+    with pytest.raises(BudgetExceeded, match=r"^daily budget of \$1\.00 would be exceeded \(DAILY_BUDGET_USD\)$"):
         await budget.reserve(NO_WORLD, "image", 0.25)
     assert daily(db)["committed_usd"] == 1.0
 
@@ -220,8 +221,8 @@ async def test_refusal_messages_when_the_ledger_fields_are_missing() -> None:
     del world(db)["budget_committed_usd"]
     with pytest.raises(BudgetExceeded) as refused:
         await MongoBudget(db, daily_cap_usd=0).reserve(CALL, "llm", 0.25)
-    assert str(refused.value) == ("world budget of $0.5000 would be exceeded: $0.0000 committed, this call may cost "
-                                  "up to $0.2500")
+    assert str(refused.value).startswith("world budget of $0.5000 would be exceeded: $0.0000 committed, this call "
+                                         "may cost up to $0.2500. ")
 
 
 @pytest.mark.parametrize("tz", ["Etc/GMT-14", "Etc/GMT+12"])  # between them, one local date differs from UTC's

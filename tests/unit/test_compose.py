@@ -66,6 +66,14 @@ def test_required_settings_are_set(worker_env: dict[str, str]) -> None:
     assert worker_env["OPENROUTER_API_KEY"].startswith("${OPENROUTER_API_KEY:?")
 
 
+def test_default_image_model_key_is_asked_for(worker_env: dict[str, str]) -> None:
+    # The default image model is on Runware: compose refuses when RUNWARE_API_KEY is unset, but an empty
+    # value (`?` without `:`) lets IMAGE_MODEL pick an OpenRouter image model instead.
+    assert worker_env["RUNWARE_API_KEY"].startswith("${RUNWARE_API_KEY?")
+    assert "IMAGE_MODEL" in worker_env["RUNWARE_API_KEY"]
+    assert worker_env["IMAGE_MODEL"] == "${IMAGE_MODEL:-}"
+
+
 def test_every_worker_variable_is_a_setting(worker_env: dict[str, str]) -> None:
     unknown = set(worker_env) - KNOWN
     assert not unknown, f"not Settings variables (typo?): {sorted(unknown)}"

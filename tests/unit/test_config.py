@@ -45,6 +45,7 @@ def minimal_env(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MONGODB_URI", "mongodb://db:27017")
     monkeypatch.setenv("KAFKA_BROKERS", "kafka:9092")
     monkeypatch.setenv("OPENROUTER_API_KEY", "sk-test")
+    monkeypatch.setenv("RUNWARE_API_KEY", "rw-test")  # the default image model is on Runware
 
 
 def test_field_aliases_were_found() -> None:
@@ -123,6 +124,7 @@ def test_openrouter_images_without_api_key(monkeypatch: pytest.MonkeyPatch) -> N
     monkeypatch.setenv("KAFKA_BROKERS", "kafka:9092")
     monkeypatch.setenv("LLM_BASE_URL", "http://localhost:8000/v1")
     monkeypatch.setenv("IMAGE_BASE_URL", OPENROUTER_BASE_URL)
+    monkeypatch.setenv("IMAGE_MODEL", "google/gemini-2.5-flash-image")
     with pytest.raises(ConfigError) as info:
         load_settings()
     assert "OPENROUTER_API_KEY" in str(info.value)
@@ -178,7 +180,7 @@ def test_defaults_with_minimal_env() -> None:
     assert s.models.primary("post").openrouter_extras is True
     assert s.llm_model_overrides == {}
     assert all(s.model_for(step) == "google/gemini-2.5-flash" for step in LLM_STEPS)
-    assert s.model_for("post_image") == "google/gemini-2.5-flash-image"
+    assert s.model_for("post_image") == "runware:100@1"
 
 
 def test_full_valid_env(monkeypatch: pytest.MonkeyPatch) -> None:

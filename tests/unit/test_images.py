@@ -220,7 +220,8 @@ def test_from_settings_picks_provider() -> None:
     base = {"MONGODB_URI": "mongodb://db", "KAFKA_BROKERS": "k:9092", "OPENROUTER_API_KEY": "sk-x"}
     offline = ImageService.from_settings(load_settings(**base, IMAGE_PROVIDER="offline"), recorder)
     assert isinstance(offline.provider, OfflineImageProvider)
-    online = ImageService.from_settings(load_settings(**base, IMAGE_MODEL="m/img"), recorder)
+    online = ImageService.from_settings(load_settings(**base, IMAGE_PROVIDER="openrouter", IMAGE_MODEL="m/img"),
+                                        recorder)
     assert isinstance(online.provider, OpenRouterImageProvider)
     assert online.provider.model == "m/img"
     assert online.provider.name == "openrouter"

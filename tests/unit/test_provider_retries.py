@@ -93,11 +93,12 @@ def test_delay_is_exponential_with_jitter_and_capped() -> None:
 
 def test_from_settings() -> None:
     settings = load_settings(MONGODB_URI="mongodb://db", KAFKA_BROKERS="k:9092", OPENROUTER_API_KEY="x",
-                             PROVIDER_MAX_RETRIES="5", PROVIDER_RETRY_BASE_S="0.1", PROVIDER_RETRY_MAX_S="2")
+                             RUNWARE_API_KEY="x", PROVIDER_MAX_RETRIES="5", PROVIDER_RETRY_BASE_S="0.1",
+                             PROVIDER_RETRY_MAX_S="2")
     retry = ProviderRetry.from_settings(settings)
     assert (retry.max_retries, retry.base_s, retry.max_s) == (5, 0.1, 2.0)
     defaults = ProviderRetry.from_settings(load_settings(MONGODB_URI="mongodb://db", KAFKA_BROKERS="k:9092",
-                                                         OPENROUTER_API_KEY="x"))
+                                                         OPENROUTER_API_KEY="x", RUNWARE_API_KEY="x"))
     assert (defaults.max_retries, defaults.base_s, defaults.max_s) == (3, 0.5, 10.0)
 
 

@@ -52,7 +52,8 @@ def test_shipped_registry_is_valid_and_covers_every_step() -> None:
     assert set(assignments) == {*LLM_STEPS, *IMAGE_STEPS}
     assert reg.primary("post").id == "google/gemini-2.5-flash"
     assert [m.id for m in reg.chain("post")] == ["google/gemini-2.5-flash", "openai/gpt-4.1-mini"]
-    assert reg.primary("avatar").id == "google/gemini-2.5-flash-image"
+    assert reg.primary("avatar").id == "runware:100@1"
+    assert reg.model("google/gemini-2.5-flash-image", "image").price_per_image == 0.039  # one setting away
     used = {reg.model(mid) for chain in assignments.values() for mid in chain}
     assert all(m.price_in_per_mtok or m.kind == "image" for m in used)
 
@@ -180,7 +181,7 @@ def test_models_list_command(monkeypatch: pytest.MonkeyPatch) -> None:
     assert "vendor/cheap" in lines["post"]
     assert "google/gemini-2.5-flash" in lines["post_batch"] and "openai/gpt-4.1-mini" in lines["post_batch"]
     assert "rpm 600" in lines["post_batch"]
-    assert "$0.039/image" in lines["avatar"]
+    assert "$0.003/Mpx" in lines["avatar"] and "runware:100@1" in lines["avatar"]
     monkeypatch.setenv("MODEL_REGISTRY_FILE", "/nonexistent/models.toml")
     assert CliRunner().invoke(app, ["models", "list"]).exit_code == 2
 

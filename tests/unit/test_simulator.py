@@ -347,7 +347,7 @@ async def test_config_models_merge_and_validation(sim: ProviderSimulator) -> Non
         got: dict[str, Any] = (await http.get(url)).json()
         assert got["models"]["m"] == {
             "latency_ms": 20.0, "error_rate_5xx": 0, "error_rate_429": 0, "rpm_limit": 5, "tpm_limit": 0,
-            "price_in_per_mtok": None, "price_out_per_mtok": None, "image_cost": None,
+            "price_in_per_mtok": None, "price_out_per_mtok": None, "image_cost": None, "image_cost_per_mpx": 0,
         }  # fmt: skip
         assert isinstance(got["models"]["m"]["rpm_limit"], int)
 

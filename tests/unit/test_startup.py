@@ -22,7 +22,8 @@ from ai_worker.observability.logging import configure_logging
 
 def _settings(**extra: Any) -> Settings:
     base: dict[str, Any] = {"MONGODB_URI": "mongodb://127.0.0.1:1", "KAFKA_BROKERS": "127.0.0.1:1",
-                            "OPENROUTER_API_KEY": "sk-test", "STARTUP_TIMEOUT_S": 1, "SERVICE_PORT": 0}
+                            "OPENROUTER_API_KEY": "sk-test", "RUNWARE_API_KEY": "rw-test", "STARTUP_TIMEOUT_S": 1,
+                            "SERVICE_PORT": 0}
     base.update(extra)
     return load_settings(**base)
 

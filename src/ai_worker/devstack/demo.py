@@ -178,6 +178,15 @@ async def run_demo(*, prompt: str, users: int, posts: int, data_dir: Path | None
 async def _demo(*, prompt: str, users: int, posts: int, data_dir: Path | None, keep: bool, timeout_s: float,
                 console: Console, received: list[signal.Signals]) -> int:
     real_llm = bool(os.environ.get("OPENROUTER_API_KEY"))
+    if real_llm:  # the worker would exit 2 on missing keys (RUNWARE_API_KEY for the default images): say it now
+        from ai_worker.config import ConfigError, load_settings
+
+        try:
+            load_settings(MONGODB_URI="unset", KAFKA_BROKERS="unset")
+        except ConfigError as exc:
+            console.print(f"[bold red]configuration error[/] (OPENROUTER_API_KEY is set, so the real APIs are "
+                          f"used): {exc}")
+            return 2
     temp = data_dir is None
     root = Path(tempfile.mkdtemp(prefix="ai-worker-dev-")) if data_dir is None else data_dir
     root.mkdir(parents=True, exist_ok=True)

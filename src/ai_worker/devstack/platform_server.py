@@ -101,6 +101,7 @@ class LocalPlatform:
         self._secret = secrets.token_bytes(32)
         self._faults: dict[str, tuple[grpc.StatusCode, int]] = {}
         self._hangs: dict[str, float] = {}
+        self._hang_first: set[str] = set()
         self._hang_rng = random.Random(0)
         self.hung = 0
         self._client: AsyncMongoClient[Doc] | None = None
@@ -202,12 +203,14 @@ class LocalPlatform:
 
     def hang(self, method: str, rate: float) -> None:
         """A fraction `rate` of the calls of `method` never answer (until the caller gives up): a stuck
-        server. `rate` 0 turns it off."""
+        server. The first call after this always hangs (so a short test sees one). `rate` 0 turns it off."""
         name = method.rsplit("/", 1)[-1]
         if rate <= 0:
             self._hangs.pop(name, None)
+            self._hang_first.discard(name)
         else:
             self._hangs[name] = rate
+            self._hang_first.add(name)
 
     async def seed_world(
         self,
@@ -251,7 +254,9 @@ class LocalPlatform:
             parse: Callable[[bytes], Req],
         ) -> grpc.RpcMethodHandler[Any, Any]:
             async def behaviour(request: Req, context: Context) -> Resp:
-                if self._hang_rng.random() < self._hangs.get(method, 0.0):
+                first = method in self._hang_first
+                self._hang_first.discard(method)
+                if first or self._hang_rng.random() < self._hangs.get(method, 0.0):
                     self.hung += 1
                     await asyncio.sleep(3600)  # cancelled when the caller's deadline passes or it hangs up
                 fault = self._faults.get(method)

@@ -16,7 +16,8 @@ from `GET /_sim/files/{imageUUID}.png`, whose URL is the task's `imageURL`; erro
 `{"errors": [...]}` body.
 
 Per-model knobs (`SimulatorConfig.models`, a `ModelKnobs` per model name) add latency and fault rates on
-top of the global ones, override prices, and give a model its own rate limit: the simulator remembers
+top of the global ones, override prices (an image may also cost `image_cost_per_mpx` per megapixel of the
+size asked, as Runware prices by resolution), and give a model its own rate limit: the simulator remembers
 when it accepted (answered 200) each request of the model and answers 429 with a `Retry-After` when
 another one would take the last 60 seconds over `rpm_limit` requests or `tpm_limit` tokens. The limit is
 checked and the acceptance recorded with no await in between, so concurrent requests cannot slip past it.
@@ -51,6 +52,7 @@ from typing import Any
 from aiohttp import web
 
 from ai_worker.images.offline import render_placeholder
+from ai_worker.providers.registry import ModelRegistry
 
 _EXACTLY = re.compile(r"exactly (\d+)")
 _SIZE = re.compile(r"\b(\d{2,4})\s*[xX\u00d7]\s*(\d{2,4})\b")
@@ -81,6 +83,7 @@ class ModelKnobs:
     price_in_per_mtok: float | None = None
     price_out_per_mtok: float | None = None
     image_cost: float | None = None
+    image_cost_per_mpx: float = 0  # added per megapixel of the image asked (Runware prices by resolution)
 
 
 def _parse_knobs(model: str, values: Any) -> dict[str, Any]:
@@ -108,6 +111,31 @@ def _parse_knobs(model: str, values: Any) -> dict[str, Any]:
         else:
             parsed[name] = float(value)
     return parsed
+
+
+_PRICE_KNOBS = {"price_in_per_mtok": None, "price_out_per_mtok": None, "image_cost": None, "image_cost_per_mpx": 0}
+
+
+def registry_prices(models: ModelRegistry) -> dict[str, dict[str, float]]:
+    """Price knobs that make the simulator charge what the model registry says, keyed by the name each model
+    is sent under: LLM prices per token; images per image and per megapixel asked."""
+    knobs: dict[str, dict[str, float]] = {}
+    for model_id, definition in models.table.models.items():
+        m = models.model(model_id, definition.kind)
+        if m.kind == "llm":
+            knobs[m.name] = {"price_in_per_mtok": m.price_in_per_mtok, "price_out_per_mtok": m.price_out_per_mtok}
+        else:
+            knobs[m.name] = {"image_cost": m.price_per_image, "image_cost_per_mpx": m.price_per_mpx}
+    return knobs
+
+
+def charge_registry_prices(config: SimulatorConfig, models: ModelRegistry) -> None:
+    """Set the registry's prices on `config`, leaving any price a model's knobs already set."""
+    for name, prices in registry_prices(models).items():
+        current = config.models.get(name)
+        if current is not None:
+            prices = {k: v for k, v in prices.items() if getattr(current, k) == _PRICE_KNOBS[k]}
+        config.update({"models": {name: prices}})
 
 
 def _parse_models(value: Any) -> dict[str, dict[str, Any] | None]:
@@ -245,9 +273,8 @@ class _Faker:
             return self.title()
         if key in ("tag", "tags", "hashtag"):
             return f"{self.rng.choice(_ADJ)}{self.rng.choice(_NOUN)}"
-        if key == "topic":  # many per character: from a large space, so distinct topics are easy to find
-            rng = self.rng
-            return f"how the {self.phrase()} {rng.choice(_VERB)} the {rng.choice(_NOUN)}"
+        if key == "topic":  # 4096 combinations, not 256: a character's 20+ topics rarely repeat, as a model's
+            return f"{self.phrase()} by the {self.rng.choice(_NOUN)}"
         if key in ("theme", "themes", "interest", "interests", "angle", "tone"):
             return self.phrase()
         if key in ("occupation", "role", "job"):
@@ -794,9 +821,12 @@ class ProviderSimulator:
             "cost": round(cost, 10),
         }
 
-    def _image_cost(self, model: str) -> float:
+    def _image_cost(self, model: str, width: int = 0, height: int = 0) -> float:
+        """The model's price of one image (its `image_cost`, else the global one) plus its per-megapixel
+        price times the size asked."""
         knobs = self.config.knobs(model)
-        return self.config.image_cost if knobs.image_cost is None else knobs.image_cost
+        flat = self.config.image_cost if knobs.image_cost is None else knobs.image_cost
+        return flat + knobs.image_cost_per_mpx * width * height / 1e6
 
     def _structured_reply(self, body: dict[str, Any], call: _Call) -> web.Response:
         messages: list[Any] = body["messages"]
@@ -848,7 +878,7 @@ class ProviderSimulator:
         usage = self._token_usage(prompt, "", call.model)
         usage["completion_tokens"] = 1290
         usage["total_tokens"] = usage["prompt_tokens"] + 1290
-        usage["cost"] = self._image_cost(call.model)
+        usage["cost"] = self._image_cost(call.model, width, height)
         self._accept(call, usage["total_tokens"])  # before the render's await
         png = await asyncio.to_thread(render_placeholder, prompt, width, height, "SIMULATED")
         url = "data:image/png;base64," + base64.b64encode(png).decode("ascii")
@@ -892,7 +922,7 @@ class ProviderSimulator:
             self.stats["image_error"] += 1
             return reply_error(500, "imageGenerationFailed", "simulated image generation failure", None)
         self._accept(call, 0)  # before the render's await
-        cost = self._image_cost(call.model)
+        cost = self._image_cost(call.model, width, height)
         png = await asyncio.to_thread(render_placeholder, prompt, width, height, "SIMULATED")
         image_uuid = str(uuid.UUID(int=random.Random(f"{cfg.seed}:{number}:image").getrandbits(128), version=4))
         name = f"{image_uuid}.png"

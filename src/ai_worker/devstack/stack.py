@@ -106,6 +106,18 @@ class StackInfo:
         return cls(**{k: v for k, v in data.items() if k in known})
 
 
+def _charge_registry_prices(simulator: ProviderSimulator) -> None:
+    """The simulator charges the model registry's prices (the default image model at its few tenths of a cent,
+    not the simulator's flat $0.039), so worlds on the stack cost what `ai-worker cost` predicts."""
+    from ai_worker.devstack.simulator import charge_registry_prices
+    from ai_worker.providers.registry import ModelRegistry, RegistryError, load_registry
+
+    try:
+        charge_registry_prices(simulator.config, ModelRegistry(load_registry()))
+    except RegistryError as exc:
+        log.warning("simulator keeps its own prices: %s", exc)
+
+
 def _topic_map(topics: Sequence[str]) -> dict[str, str]:
     if len(topics) < len(TOPIC_ROLES):
         roles = ", ".join(TOPIC_ROLES)
@@ -183,6 +195,7 @@ class EmbeddedStack:
                 from ai_worker.devstack.simulator import ProviderSimulator
 
                 self._simulator = ProviderSimulator(self.simulator_config)
+                _charge_registry_prices(self._simulator)
                 await self._simulator.start()
                 simulator_url = self._simulator.base_url
             from ai_worker.devstack.platform_server import LocalPlatform

@@ -13,7 +13,7 @@ import random
 
 from PIL import Image, ImageDraw, ImageFont
 
-from ai_worker.images.base import PNG, GeneratedImage
+from ai_worker.images.base import PNG, GeneratedImage, Size
 
 _PROMPT_WORDS = 6
 
@@ -88,7 +88,8 @@ class OfflineImageProvider:
     def __init__(self, model: str = "offline-renderer") -> None:
         self.model = model
 
-    async def generate(self, prompt: str, width: int, height: int) -> GeneratedImage:
+    async def generate(self, prompt: str, width: int, height: int, *, source: Size | None = None
+                       ) -> GeneratedImage:
         data = await asyncio.to_thread(render_placeholder, prompt, width, height)
         return GeneratedImage(
             data=data, content_type=PNG, width=width, height=height, model=self.model, provider=self.name

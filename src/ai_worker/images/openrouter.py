@@ -13,7 +13,7 @@ import httpx
 import structlog
 
 from ai_worker.errors import InvalidImage, WorkerError
-from ai_worker.images.base import PNG, GeneratedImage
+from ai_worker.images.base import PNG, GeneratedImage, Size
 from ai_worker.images.validate import normalize_image
 from ai_worker.providers.http_errors import (
     attach_status,
@@ -134,7 +134,9 @@ class OpenRouterImageProvider:
             payload["image_config"] = {"aspect_ratio": nearest_aspect_ratio(width, height)}
         return payload
 
-    async def generate(self, prompt: str, width: int, height: int) -> GeneratedImage:
+    async def generate(self, prompt: str, width: int, height: int, *, source: Size | None = None
+                       ) -> GeneratedImage:
+        # `source` is ignored: image-output chat models price per image, whatever the size asked.
         try:
             response = await self._http.post(
                 self._url,

@@ -38,7 +38,7 @@ from ai_worker.errors import (
     RateLimited,
     WorkerError,
 )
-from ai_worker.images.base import PNG, GeneratedImage
+from ai_worker.images.base import PNG, GeneratedImage, Size
 from ai_worker.images.openrouter import decode_data_url
 from ai_worker.images.validate import normalize_image
 from ai_worker.providers.http_errors import (
@@ -182,9 +182,13 @@ class RunwareImageProvider:
             "includeCost": True,
         }
 
-    async def generate(self, prompt: str, width: int, height: int) -> GeneratedImage:
+    async def generate(self, prompt: str, width: int, height: int, *, source: Size | None = None
+                       ) -> GeneratedImage:
+        """An image of exactly width x height; Runware is asked for `source` (default: that size), rounded to
+        its grid, and the answer is normalised (Runware prices by resolution: a smaller source is cheaper)."""
         task_uuid = str(uuid.uuid4())
-        ask_width, ask_height = runware_side(width), runware_side(height)
+        src_width, src_height = source or (width, height)
+        ask_width, ask_height = runware_side(src_width), runware_side(src_height)
         if (ask_width, ask_height) != (width, height):
             log.debug("runware_size_adjusted", width=width, height=height, sent_width=ask_width, sent_height=ask_height)
         try:

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 import structlog
 
 from ai_worker.errors import WorkerError
-from ai_worker.images.base import GeneratedImage, ImageProvider
+from ai_worker.images.base import GeneratedImage, ImageProvider, Size
 from ai_worker.images.offline import OfflineImageProvider
 from ai_worker.images.openrouter import OpenRouterImageProvider
 from ai_worker.images.runware import RunwareImageProvider
@@ -129,10 +129,11 @@ class ImageService:
     ) -> GeneratedImage:
         """Reserve the image price against the budgets, generate, settle to the real cost (refunded on
         failure)."""
-        reservation = await self._budget.reserve(call, "image", route.model.price_per_image)
+        source = route.model.source_size(call.request_type, width, height)
+        reservation = await self._budget.reserve(call, "image", route.model.image_price(*source))
         spent, recorded = 0.0, False
         try:
-            image = await self._attempt(route, prompt, width, height, call, attempt)
+            image = await self._attempt(route, prompt, width, height, source, call, attempt)
             spent, recorded = image.cost, True
             return image
         except Exception:
@@ -142,23 +143,32 @@ class ImageService:
             await self._budget.settle(reservation, spent, counted=recorded)
 
     async def _attempt(
-        self, route: Route, prompt: str, width: int, height: int, call: CallContext, attempt: int
+        self, route: Route, prompt: str, width: int, height: int, source: Size, call: CallContext, attempt: int
     ) -> GeneratedImage:
-        """One provider request, recorded in the history (failed ones too) and logged."""
+        """One provider request, recorded in the history (failed ones too) and logged. `source` is the size
+        asked of the provider (the registry's `image_sizes` for the step); the image delivered is width x
+        height either way."""
         model = route.model
         provider = self.provider_for(model)
+        request_data: dict[str, object] = {"prompt": prompt, "width": width, "height": height, "model": provider.model}
+        if source != (width, height):
+            request_data.update(source_width=source[0], source_height=source[1])
         record = ApiRequestRecord(
             api_type="image_generation", task_id=call.task_id, world_id=call.world_id,
             request_type=call.request_type,
-            request_data={"prompt": prompt, "width": width, "height": height, "model": provider.model},
+            request_data=request_data,
             duration_ms=0, model=model.id, requested_model=route.requested.id, fallback=route.fallback,
             provider=provider.name, attempt=attempt, task_attempt=call.attempt,
         )
         started = time.monotonic()
         try:
-            image = await provider.generate(prompt, width, height)
-            if image.cost == 0 and model.price_per_image:  # no cost from the provider: the registry's price
-                image = dataclasses.replace(image, cost=model.price_per_image)
+            if source == (width, height):
+                image = await provider.generate(prompt, width, height)
+            else:
+                image = await provider.generate(prompt, width, height, source=source)
+            price = model.image_price(*source)
+            if image.cost == 0 and price:  # no cost from the provider: the registry's price
+                image = dataclasses.replace(image, cost=price)
         except Exception as exc:
             record.error_type = exc.error_type if isinstance(exc, WorkerError) else "unexpected"
             record.error, record.status, record.status_code = str(exc), "error", status_of(exc)

@@ -30,7 +30,7 @@ class GenerateCharacterAvatar(Job[AvatarParams]):
 
     @classmethod
     def predict(cls, plan: WorldPlan) -> Prediction:
-        return Prediction(tasks=plan.users, images=plan.users)
+        return Prediction(tasks=plan.users, images_by_step={"avatar": plan.users})
 
     async def run(self, ctx: JobContext, params: AvatarParams) -> dict[str, Any]:
         world = await ctx.world()

@@ -39,7 +39,7 @@ class GenerateCharacterBatch(Job[CharacterBatchParams]):
     @classmethod
     def predict(cls, plan: WorldPlan) -> Prediction:
         n = plan.character_batches()
-        return Prediction(tasks=n, llm_calls=n)
+        return Prediction(tasks=n, llm_calls_by_step={"character_batch": n})
 
     async def run(self, ctx: JobContext, params: CharacterBatchParams) -> dict[str, Any]:
         world_text = render_world(await ctx.world())

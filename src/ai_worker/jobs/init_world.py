@@ -24,7 +24,8 @@ class InitParams(BaseModel):
     posts_count: int = Field(50, ge=0, le=MAX_POSTS)
     api_call_limits_llm: int | None = Field(None, ge=1)
     api_call_limits_images: int | None = Field(None, ge=1)
-    budget_usd: float | None = Field(None, ge=0, description="money cap for this world (default WORLD_BUDGET_USD)")
+    budget_usd: float | None = Field(None, ge=0, description="money cap for this world (default: the worker's "
+                                     "WORLD_BUDGET_USD, else WORLD_BUDGET_FACTOR x its predicted cost)")
 
     @field_validator("user_prompt")
     @classmethod

@@ -30,7 +30,7 @@ class GeneratePost(Job[PostParams]):
 
     @classmethod
     def predict(cls, plan: WorldPlan) -> Prediction:
-        return Prediction(tasks=plan.posts, llm_calls=plan.posts)
+        return Prediction(tasks=plan.posts, llm_calls_by_step={"post": plan.posts})
 
     async def run(self, ctx: JobContext, params: PostParams) -> dict[str, Any]:
         world_text = render_world(await ctx.world())

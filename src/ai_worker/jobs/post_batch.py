@@ -39,7 +39,7 @@ class GeneratePostBatch(Job[PostBatchParams]):
     @classmethod
     def predict(cls, plan: WorldPlan) -> Prediction:
         n = plan.post_batches()
-        return Prediction(tasks=n, llm_calls=n)
+        return Prediction(tasks=n, llm_calls_by_step={"post_batch": n})
 
     async def run(self, ctx: JobContext, params: PostBatchParams) -> dict[str, Any]:
         world_text = render_world(await ctx.world())

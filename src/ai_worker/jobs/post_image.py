@@ -34,7 +34,7 @@ class GeneratePostImage(Job[PostImageParams]):
 
     @classmethod
     def predict(cls, plan: WorldPlan) -> Prediction:
-        return Prediction(tasks=plan.posts, images=plan.posts)
+        return Prediction(tasks=plan.posts, images_by_step={"post_image": plan.posts})
 
     async def run(self, ctx: JobContext, params: PostImageParams) -> dict[str, Any]:
         world = await ctx.world()

@@ -31,7 +31,7 @@ class GenerateWorldDescription(Job[DescriptionParams]):
 
     @classmethod
     def predict(cls, plan: WorldPlan) -> Prediction:
-        return Prediction(tasks=1, llm_calls=1)
+        return Prediction(tasks=1, llm_calls_by_step={"world_description": 1})
 
     async def run(self, ctx: JobContext, params: DescriptionParams) -> dict[str, Any]:
         prompt = ctx.prompt("world_description", user_prompt=params.user_prompt,

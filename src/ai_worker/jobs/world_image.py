@@ -28,7 +28,7 @@ class GenerateWorldImage(Job[WorldImageParams]):
 
     @classmethod
     def predict(cls, plan: WorldPlan) -> Prediction:
-        return Prediction(tasks=1, images=2)
+        return Prediction(tasks=1, images_by_step={"world_header": 1, "world_icon": 1})
 
     async def run(self, ctx: JobContext, params: WorldImageParams) -> dict[str, Any]:
         world = await ctx.world()

@@ -29,6 +29,10 @@ log = structlog.get_logger(__name__)
 
 Kind = CallKind
 BUDGETS_COLLECTION = "budgets"
+RAISE_HINT = ("To give worlds more: the task's budget_usd parameter (ai-worker send --budget-usd), or the worker's "
+              "WORLD_BUDGET_USD (one cap for every world) or WORLD_BUDGET_FACTOR (default cap = factor x the world's "
+              "predicted cost, see ai-worker cost), fixed when a world starts; a world that failed on its budget "
+              "continues with ai-worker retry WORLD_ID --budget-usd X.")
 _CAP_CACHE_SIZE = 4096
 
 
@@ -117,7 +121,7 @@ class MongoBudget:
             raise BudgetExceeded(f"world call limit reached: {limit} {kind} calls")
         raise BudgetExceeded(
             f"world budget of ${cap:.4f} would be exceeded: ${float(doc.get('budget_committed_usd', 0.0)):.4f} "
-            f"committed, this call may cost up to ${amount:.4f}")
+            f"committed, this call may cost up to ${amount:.4f}. {RAISE_HINT}")
 
     async def _reserve_daily(self, amount: float) -> str:
         day = "daily:" + datetime.now(UTC).strftime("%Y-%m-%d")
@@ -126,7 +130,7 @@ class MongoBudget:
         res = await self._budgets.update_one(
             {"_id": day, "committed_usd": {"$lte": self._daily_cap - amount}}, {"$inc": {"committed_usd": amount}})
         if not res.matched_count:
-            raise BudgetExceeded(f"daily budget of ${self._daily_cap:.2f} would be exceeded")
+            raise BudgetExceeded(f"daily budget of ${self._daily_cap:.2f} would be exceeded (DAILY_BUDGET_USD)")
         return day
 
     async def settle(self, reservation: Reservation, actual_cost: float, *, counted: bool = True) -> None:

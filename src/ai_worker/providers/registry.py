@@ -63,6 +63,9 @@ class ModelDef(BaseModel):
     max_concurrent: int | None = Field(None, ge=0)
     fallbacks: list[str] = Field(default_factory=list)
     steps: list[str] = Field(default_factory=list)
+    # --- cost per world (issue #15): price by size, and the size asked of the provider per image step ---
+    price_per_mpx: float | None = Field(None, ge=0)  # USD per megapixel asked, added to price_per_image
+    image_sizes: dict[str, str] = Field(default_factory=dict)  # image step -> "WxH" asked (delivered size kept)
 
 
 class Defaults(BaseModel):
@@ -72,12 +75,62 @@ class Defaults(BaseModel):
     image: str
 
 
+# --- cost per world (issue #15) ---------------------------------------------------------------------
+TOKENS_DEFAULT = "default"  # [tokens.default]: LLM steps the table does not measure
+
+
+class StepTokens(BaseModel):
+    """Typical prompt and completion tokens of one LLM call of a step (`[tokens.<step>]`), for predicting a
+    world's cost before it starts. Measured by bench/cost_per_world.py on the provider simulator."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: int = Field(ge=0)
+    completion: int = Field(ge=0)
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """"WxH" -> (W, H); ValueError when it is not two whole numbers in 64..2048."""
+    w, sep, h = text.lower().partition("x")
+    if not sep or not w.strip().isdigit() or not h.strip().isdigit():
+        raise ValueError(f"size {text!r} is not WIDTHxHEIGHT")
+    size = int(w), int(h)
+    if not all(64 <= side <= 2048 for side in size):
+        raise ValueError(f"size {text!r}: each side must be within 64..2048")
+    return size
+
+
+def _cost_problems(table: RegistryFile) -> list[str]:
+    problems = [f"tokens.{step!r}: unknown LLM step (known: {[*LLM_STEPS, TOKENS_DEFAULT]})"
+                for step in table.tokens if step not in (*LLM_STEPS, TOKENS_DEFAULT)]
+    for name, m in table.models.items():
+        if m.kind != "image" and (m.image_sizes or m.price_per_mpx is not None):
+            problems.append(f"models.{name!r}: image_sizes and price_per_mpx are for image models")
+        for step, size in m.image_sizes.items():
+            if step not in IMAGE_STEPS:
+                problems.append(f"models.{name!r}.image_sizes: unknown image step {step!r} "
+                                f"(known: {list(IMAGE_STEPS)})")
+            try:
+                parse_size(size)
+            except ValueError as exc:
+                problems.append(f"models.{name!r}.image_sizes.{step}: {exc}")
+    return problems
+
+
 class RegistryFile(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     defaults: Defaults
     providers: dict[str, ProviderDef]
     models: dict[str, ModelDef]
+    tokens: dict[str, StepTokens] = Field(default_factory=dict)  # cost per world: typical tokens per LLM call
+
+    @model_validator(mode="after")
+    def _cost_consistent(self) -> RegistryFile:
+        problems = _cost_problems(self)
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
 
     @model_validator(mode="after")
     def _consistent(self) -> RegistryFile:
@@ -148,6 +201,17 @@ class ResolvedModel:
     fallbacks: tuple[str, ...] = ()
     extras: bool | None = None
     base_url_env: str | None = None
+    # cost per world (issue #15): price by size, and the size asked of the provider per image step
+    price_per_mpx: float = 0.0
+    image_sizes: tuple[tuple[str, tuple[int, int]], ...] = ()  # (step, size asked); a tuple: models are hashable
+
+    def source_size(self, step: str, width: int, height: int) -> tuple[int, int]:
+        """The size asked of the provider for an image of `step` delivered at width x height."""
+        return dict(self.image_sizes).get(step, (width, height))
+
+    def image_price(self, width: int, height: int) -> float:
+        """The registry's price of one image asked at width x height."""
+        return self.price_per_image + self.price_per_mpx * width * height / 1e6
 
     @property
     def openrouter_extras(self) -> bool:
@@ -335,7 +399,7 @@ class ModelRegistry:
             key_required=key_env is not None and base_url is not None and base_url == default_url,
             price_in_per_mtok=flat.price_in_per_mtok if m.price_in_per_mtok is None else m.price_in_per_mtok,
             price_out_per_mtok=flat.price_out_per_mtok if m.price_out_per_mtok is None else m.price_out_per_mtok,
-            price_per_image=(0.0 if provider.kind == "offline" else flat.price_per_image)
+            price_per_image=(0.0 if provider.kind == "offline" or m.price_per_mpx is not None else flat.price_per_image)
             if m.price_per_image is None else m.price_per_image,
             max_tokens=m.max_tokens or flat.max_tokens,
             limits=Limits(rpm=m.rpm or None, tpm=m.tpm or None, tpd=m.tpd or None),
@@ -343,6 +407,8 @@ class ModelRegistry:
             fallbacks=tuple(m.fallbacks),
             extras=provider.openrouter_extras,
             base_url_env=m.base_url_env or provider.base_url_env,
+            price_per_mpx=m.price_per_mpx or 0.0,
+            image_sizes=tuple((step, parse_size(size)) for step, size in m.image_sizes.items()),
         )
         self._models[model_id] = resolved
         return resolved
