@@ -79,7 +79,7 @@ def test_unreachable_address_one_line_exit_1(args: list[str]) -> None:
 
 def test_run_with_mongodb_unreachable_logs_one_line_and_exits_1() -> None:
     res, elapsed = _cli("run", env=_env(MONGODB_URI=DOWN_MONGO, KAFKA_BROKERS=DOWN_KAFKA, STARTUP_TIMEOUT_S="1",
-                                        OPENROUTER_API_KEY="sk-test", SERVICE_PORT="0"))
+                                        OPENROUTER_API_KEY="sk-test", RUNWARE_API_KEY="rw-test", SERVICE_PORT="0"))
     assert res.returncode == 1
     assert elapsed < 6
     assert "Traceback" not in res.stdout + res.stderr and "hunter2" not in res.stdout + res.stderr

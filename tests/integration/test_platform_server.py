@@ -338,6 +338,9 @@ class _Steps:
         self.dies = dies
         self.saved: dict[str, Any] = {}
 
+    async def still_owned(self, task: TaskDoc, worker_id: str) -> bool:
+        return True
+
     async def save_step(self, task: TaskDoc, worker_id: str, name: str, value: Any) -> bool:
         if self.dies:
             return False

@@ -198,11 +198,15 @@ async def test_image_fallback_to_runware(stack_info: StackInfo) -> None:
                            recorder, providers=provider_factory(30),
                            retry=ProviderRetry(max_retries=2, base_s=0.01, max_s=0.05))
     call = CallContext(task_id="t", world_id=None, request_type="avatar")
+    async with httpx.AsyncClient() as http:  # the session's simulator: put its Runware price back after
+        before = (await http.get(f"{sim_root(stack_info)}/_sim/config")).json()["models"].get("runware:100@1")
     try:
-        await sim_config(stack_info, {primary: {"error_rate_5xx": 1.0}, "runware:100@1": {"image_cost": 0.0021}})
+        await sim_config(stack_info, {primary: {"error_rate_5xx": 1.0},
+                                       "runware:100@1": {"image_cost": 0.0021, "image_cost_per_mpx": 0.0}})
         images = [await service.generate("A lighthouse keeper, portrait", 300, 200, call) for _ in range(3)]
     finally:
         await service.aclose()
+        await sim_config(stack_info, {"runware:100@1": before})
     assert all((i.provider, i.width, i.height) == ("runware", 300, 200) for i in images)
     assert [r.model for r in recorder.records] == [primary, backup, primary, backup, backup]
     assert all(r.cost == pytest.approx(0.0021) for r in recorder.records if r.model == backup)

@@ -149,6 +149,9 @@ class NoWorlds:
 
 
 class NoSteps:
+    async def still_owned(self, task: TaskDoc, worker_id: str) -> bool:
+        return True
+
     async def save_step(self, task: TaskDoc, worker_id: str, name: str, value: Any) -> bool:
         return True
 

@@ -33,6 +33,9 @@ class A(Job[AParams, TaskContext]):
 
 
 class Steps:
+    async def still_owned(self, task: TaskDoc, worker_id: str) -> bool:
+        return True
+
     async def save_step(self, task: TaskDoc, worker_id: str, name: str, value: Any) -> bool:
         return True
 

@@ -58,6 +58,9 @@ class Steps:
     def __init__(self) -> None:
         self.saved: dict[str, Any] = {}
 
+    async def still_owned(self, task: TaskDoc, worker_id: str) -> bool:
+        return True
+
     async def save_step(self, task: TaskDoc, worker_id: str, name: str, value: Any) -> bool:
         self.saved[name] = value
         return True

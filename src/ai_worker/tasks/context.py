@@ -5,6 +5,7 @@ added by `jobs.context.JobContext`, a subclass, so the engine depends on no prov
 from __future__ import annotations
 
 import hashlib
+import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
@@ -29,6 +30,12 @@ class LeaseLost(PermanentError):
 
 class StepStore(Protocol):
     async def save_step(self, task: TaskDoc, worker_id: str, name: str, value: Any) -> bool: ...
+    async def still_owned(self, task: TaskDoc, worker_id: str) -> bool: ...
+
+
+# A step starts only while the task is still this worker's: ownership is confirmed before a step unless it
+# was confirmed (claim, or the previous step's save) less than this long ago.
+CONFIRM_S = 0.25
 
 
 class TaskContext:
@@ -47,6 +54,7 @@ class TaskContext:
         self.children: list[ChildTask] = []
         self._steps = steps
         self._is_cancelled = is_cancelled
+        self._confirmed_at = time.monotonic()  # the claim itself
         self.log = structlog.get_logger("ai_worker.job")
 
     # --- identity -------------------------------------------------------------------------------
@@ -82,10 +90,15 @@ class TaskContext:
         if name in self.task.steps:
             return adapter.validate_python(self.task.steps[name])
         self.check_alive()
+        # Cancelled or reclaimed meanwhile? Then no new side effect may start (a step may create content).
+        stale = time.monotonic() - self._confirmed_at > CONFIRM_S
+        if stale and not await self._steps.still_owned(self.task, self.worker_id):
+            raise LeaseLost(f"the task is no longer this worker's; step {name!r} not started")
         value = await fn()
         stored = adapter.dump_python(value, mode="json")
         if not await self._steps.save_step(self.task, self.worker_id, name, stored):
             raise LeaseLost(f"lost the lease while saving step {name!r}")
+        self._confirmed_at = time.monotonic()
         self.task.steps[name] = stored
         return value
 

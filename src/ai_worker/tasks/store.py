@@ -111,6 +111,10 @@ class TaskStore:
         )
         return bool(res.matched_count)
 
+    async def still_owned(self, task: TaskDoc, worker_id: str) -> bool:
+        """Is the task still this worker's claim (not cancelled, not reclaimed)? One read by `_id`."""
+        return await self._tasks.find_one(self._owned(task, worker_id), {"_id": 1}) is not None
+
     async def save_step(self, task: TaskDoc, worker_id: str, name: str, value: Any) -> bool:
         res = await self._tasks.update_one(
             self._owned(task, worker_id), {"$set": {f"steps.{name}": value, "updated_at": utcnow()}}
