@@ -50,6 +50,8 @@ LLAMA_SERVER_CMAKE_ARGS = [
     "-DLLAMA_BUILD_SERVER=ON",
 ]
 BUILD_JOBS = str(max(1, min(2, os.cpu_count() or 1)))
+# Threads of the server: every core (llama-cpp-python's default is half of them).
+THREADS = str(max(1, os.cpu_count() or 1))
 
 
 def cache_dir() -> Path:
@@ -232,7 +234,8 @@ def _wait_ready(server: LocalServer, timeout_s: float) -> None:
 def start_llama_cpp_python(gguf: Path, log: Path, *, n_ctx: int = 8192, ready_timeout_s: float = 120) -> LocalServer:
     port = free_port()
     cmd = [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--host", "127.0.0.1",
-           "--port", str(port), "--n_ctx", str(n_ctx), "--model_alias", "smollm2-135m"]
+           "--port", str(port), "--n_ctx", str(n_ctx), "--n_threads", THREADS, "--n_threads_batch", THREADS,
+           "--model_alias", "smollm2-135m"]
     with open(log, "wb") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
     server = LocalServer("llama-cpp-python", f"http://127.0.0.1:{port}/v1", "smollm2-135m", proc, log,
@@ -246,7 +249,7 @@ def start_llama_server(binary: Path, gguf: Path, log: Path, *, n_ctx: int = 8192
     port = free_port()
     # --jinja: use the chat template stored in the GGUF (llama-server's documented way for tools/templates).
     cmd = [str(binary), "--model", str(gguf), "--host", "127.0.0.1", "--port", str(port), "--ctx-size", str(n_ctx),
-           "--alias", "smollm2-135m", "--jinja", "--parallel", "2", "--threads", BUILD_JOBS]
+           "--alias", "smollm2-135m", "--jinja", "--parallel", "2", "--threads", THREADS]
     with open(log, "wb") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
     server = LocalServer("llama-server", f"http://127.0.0.1:{port}/v1", "smollm2-135m", proc, log, time.monotonic())

@@ -56,6 +56,9 @@ temperature = 0.2
 top_p = 0.9
 repeat_penalty = 1.1
 max_concurrent = {concurrency}
+# A 135M model sometimes loops inside a JSON string or list until the limit: small sizes keep a runaway
+# short (a cut-off reply is asked again with twice the tokens and a request to be brief).
+step_max_tokens = { world_description = 1500, character_batch = 1500, post_batch = 600, post = 400, image_prompt = 300 }
 steps = ["world_description", "character_batch", "post_batch", "post", "image_prompt"]
 
 [models.offline]

@@ -74,7 +74,7 @@ async def test_request_body_of_each_mode(mode: str) -> None:
     elif mode == "json_object":
         # llama-cpp-python's form: JSON mode with the schema beside it (turned into a grammar there).
         assert body["response_format"] == {"type": "json_object", "schema": schema}
-        assert system.startswith(PROMPT.system) and json.dumps(schema, separators=(",", ":")) in system
+        assert system == PROMPT.system  # small models echo a schema in the prompt: the grammar has it
     else:
         assert "response_format" not in body
         assert system.startswith(PROMPT.system) and json.dumps(schema, separators=(",", ":")) in system
