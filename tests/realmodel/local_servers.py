@@ -50,8 +50,11 @@ LLAMA_SERVER_CMAKE_ARGS = [
     "-DLLAMA_BUILD_SERVER=ON",
 ]
 BUILD_JOBS = str(max(1, min(2, os.cpu_count() or 1)))
-# Threads of the server: every core (llama-cpp-python's default is half of them).
-THREADS = str(max(1, os.cpu_count() or 1))
+# Threads of the server (AI_WORKER_REALMODEL_THREADS, default 1). llama.cpp's threads meet at a barrier
+# for every layer, so on a shared machine one descheduled thread stalls the others: with a load average
+# of ~20 on 2 cores, 1 thread made 3.9 tokens/s where 2 threads made under 1.5. On an idle machine give
+# it every core.
+THREADS = os.environ.get("AI_WORKER_REALMODEL_THREADS") or "1"
 
 
 def cache_dir() -> Path:
