@@ -52,12 +52,12 @@ kind = "llm"
 price_in_per_mtok = 0
 price_out_per_mtok = 0
 structured_output = "{mode}"
-temperature = 0.2
-top_p = 0.9
-repeat_penalty = 1.1
+{sampling}
 max_concurrent = {concurrency}
 # A 135M model sometimes loops inside a JSON string or list until the limit: small sizes keep a runaway
-# short (a cut-off reply is asked again with twice the tokens and a request to be brief).
+# short (a cut-off reply is asked again with twice the tokens and a request to be brief). Sampling: the
+# servers' defaults (temperature 0.8) end their objects far more often than a low temperature, which
+# loops over whole list items; a repeat penalty is set where it helped (bench/results/real_model.md).
 step_max_tokens = { world_description = 800, character_batch = 800, post_batch = 400, post = 300, image_prompt = 300 }
 steps = ["world_description", "character_batch", "post_batch", "post", "image_prompt"]
 
@@ -68,6 +68,10 @@ model = "offline-renderer"
 price_per_image = 0.0
 steps = ["image"]
 """
+
+
+def registry(mode: str, concurrency: int, sampling: str = "") -> str:
+    return REGISTRY.replace("{mode}", mode).replace("{concurrency}", str(concurrency)).replace("{sampling}", sampling)
 
 
 def _percentile(values: list[float], q: float) -> float:
@@ -196,9 +200,9 @@ def check_world(result: dict[str, Any], *, rejections_allowed: int = 0) -> None:
 
 async def test_llama_cpp_python_server(wenv: WorkerEnv, llama_cpp_python_server: LocalServer, tmp_path: Path) -> None:
     """llama-cpp-python's server with the mode its README documents (json_object with a schema)."""
-    registry = tmp_path / "models.toml"
-    registry.write_text(REGISTRY.replace("{mode}", "json_object").replace("{concurrency}", "1"))
-    result = await run_world(wenv, llama_cpp_python_server, extra_env={"MODEL_REGISTRY_FILE": str(registry)})
+    registry_file = tmp_path / "models.toml"
+    registry_file.write_text(registry("json_object", 1))
+    result = await run_world(wenv, llama_cpp_python_server, extra_env={"MODEL_REGISTRY_FILE": str(registry_file)})
     _append_results(llama_cpp_python_server, "registry file, structured_output = \"json_object\"",
                     result["summary"], result["wall_s"],
                     "pytest -m realmodel tests/realmodel -k 'llama_cpp_python_server and not auto'")
@@ -229,9 +233,9 @@ async def test_llama_cpp_python_server_auto_mode(wenv: WorkerEnv, llama_cpp_pyth
 
 async def test_llama_server(wenv: WorkerEnv, llama_server: LocalServer, tmp_path: Path) -> None:
     """llama.cpp's llama-server takes the requests as sent (json_schema, found by "auto" at once)."""
-    registry = tmp_path / "models.toml"
-    registry.write_text(REGISTRY.replace("{mode}", "auto").replace("{concurrency}", "2"))
-    result = await run_world(wenv, llama_server, extra_env={"MODEL_REGISTRY_FILE": str(registry)})
+    registry_file = tmp_path / "models.toml"
+    registry_file.write_text(registry("auto", 2, sampling="repeat_penalty = 1.1"))
+    result = await run_world(wenv, llama_server, extra_env={"MODEL_REGISTRY_FILE": str(registry_file)})
     _append_results(llama_server, "registry file, structured_output = \"auto\" (json_schema)", result["summary"],
                     result["wall_s"], "pytest -m realmodel tests/realmodel -k llama_server")
     check_world(result)
