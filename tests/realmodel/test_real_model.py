@@ -58,7 +58,7 @@ max_concurrent = {concurrency}
 # short (a cut-off reply is asked again with twice the tokens and a request to be brief). Sampling: the
 # servers' defaults (temperature 0.8) end their objects far more often than a low temperature, which
 # loops over whole list items; a repeat penalty is set where it helped (bench/results/real_model.md).
-step_max_tokens = { world_description = 800, character_batch = 800, post_batch = 400, post = 300, image_prompt = 300 }
+step_max_tokens = { {sizes} }
 steps = ["world_description", "character_batch", "post_batch", "post", "image_prompt"]
 
 [models.offline]
@@ -70,8 +70,13 @@ steps = ["image"]
 """
 
 
-def registry(mode: str, concurrency: int, sampling: str = "") -> str:
-    return REGISTRY.replace("{mode}", mode).replace("{concurrency}", str(concurrency)).replace("{sampling}", sampling)
+SHORTER = "world_description = 800, character_batch = 800, post_batch = 400, post = 300, image_prompt = 300"
+LONGER = "world_description = 1500, character_batch = 2000, post_batch = 600, post = 500, image_prompt = 400"
+
+
+def registry(mode: str, concurrency: int, sampling: str = "", sizes: str = SHORTER) -> str:
+    return (REGISTRY.replace("{mode}", mode).replace("{concurrency}", str(concurrency))
+            .replace("{sampling}", sampling).replace("{sizes}", sizes))
 
 
 def _percentile(values: list[float], q: float) -> float:
@@ -201,7 +206,9 @@ def check_world(result: dict[str, Any], *, rejections_allowed: int = 0) -> None:
 async def test_llama_cpp_python_server(wenv: WorkerEnv, llama_cpp_python_server: LocalServer, tmp_path: Path) -> None:
     """llama-cpp-python's server with the mode its README documents (json_object with a schema)."""
     registry_file = tmp_path / "models.toml"
-    registry_file.write_text(registry("json_object", 1))
+    # Larger sizes than llama-server's: at its default temperature SmolLM2 rambles on this server, and
+    # most rambles end between 800 and 2000 tokens (bench/results/real_model.md).
+    registry_file.write_text(registry("json_object", 1, sizes=LONGER))
     result = await run_world(wenv, llama_cpp_python_server, extra_env={"MODEL_REGISTRY_FILE": str(registry_file)})
     _append_results(llama_cpp_python_server, "registry file, structured_output = \"json_object\"",
                     result["summary"], result["wall_s"],
@@ -210,12 +217,15 @@ async def test_llama_cpp_python_server(wenv: WorkerEnv, llama_cpp_python_server:
 
 
 async def test_llama_cpp_python_server_auto_mode(wenv: WorkerEnv, llama_cpp_python_server: LocalServer) -> None:
-    """What a new user does: only LLM_BASE_URL and DEFAULT_LLM_MODEL. The server rejects json_schema (HTTP
-    500 naming response_format): the worker switches the model to json_object once, at once, without
-    counting it as an outage, and the world completes."""
+    """What a new user does: only LLM_BASE_URL and DEFAULT_LLM_MODEL (and LLM_MAX_TOKENS). The server
+    rejects json_schema (HTTP 500 naming response_format): the worker switches the model to json_object
+    once, at once, without counting it as an outage, and the world completes."""
     result = await run_world(wenv, llama_cpp_python_server, extra_env={
         "DEFAULT_LLM_MODEL": llama_cpp_python_server.model, "MAX_CONCURRENT_LLM_REQUESTS": "1",
-        "BREAKER_FAILURE_THRESHOLD": "1"})
+        "BREAKER_FAILURE_THRESHOLD": "1",
+        # An explicit cap wins over the built-in step sizes (a runaway of 6000 tokens would take long here).
+        "LLM_MAX_TOKENS": "2000"})
+    assert max(h["request_data"]["max_tokens"] for h in result["llm"]) <= 2000  # the explicit cap applies
     _append_results(llama_cpp_python_server, "no registry file (DEFAULT_LLM_MODEL), structured_output auto",
                     result["summary"], result["wall_s"],
                     "pytest -m realmodel tests/realmodel -k llama_cpp_python_server_auto_mode")
