@@ -18,6 +18,7 @@ from ai_worker.errors import (
 )
 from ai_worker.llm.client import LLMClient, LLMUsage, Prompt, strip_fences
 from ai_worker.providers.history import CallContext
+from ai_worker.providers.registry import STEP_MAX_TOKENS
 from ai_worker.providers.retrying import NO_RETRY, ProviderRetry
 
 CALL = CallContext(task_id="task-1", world_id="world-1", request_type="post", attempt=2)
@@ -93,7 +94,9 @@ async def test_happy_path_sends_strict_schema_and_records_usage() -> None:
     assert request.headers["authorization"] == f"Bearer {SECRET}"
     body = json.loads(request.content)
     assert body["model"] == "test/post-model"
-    assert body["max_tokens"] == 1234
+    # A model named only in the environment is sized per step (a post: STEP_MAX_TOKENS["post"]), within
+    # the flat ceiling the client was given.
+    assert body["max_tokens"] == STEP_MAX_TOKENS["post"]
     assert [m["role"] for m in body["messages"]] == ["system", "user"]
     fmt = body["response_format"]
     assert fmt["type"] == "json_schema"

@@ -21,6 +21,7 @@ RETRYABLE: dict[type[errors.WorkerError], str] = {
     errors.ProviderUnavailable: "provider_unavailable",
     errors.RateLimited: "rate_limited",
     errors.InvalidOutput: "invalid_output",
+    errors.OutputTruncated: "output_truncated",
     errors.InvalidImage: "invalid_image",
     errors.PlatformUnavailable: "platform_unavailable",
     errors.UploadFailed: "upload_failed",
@@ -32,6 +33,7 @@ PERMANENT: dict[type[errors.WorkerError], str] = {
     errors.UnknownTaskType: "unknown_task_type",
     errors.TaskCancelled: "cancelled",
     errors.ProviderRejected: "provider_rejected",
+    errors.StructuredOutputUnsupported: "structured_output_unsupported",
     errors.PlatformRejected: "platform_rejected",
     errors.BudgetExceeded: "budget_exceeded",
 }
@@ -178,14 +180,17 @@ def test_decide_never_retries_permanent_errors() -> None:
     assert (d.retry, d.retryable, d.error_type, d.delay_s) == (False, False, "invalid_parameters", 0.0)
 
 
-def test_rate_limited_retry_after_raises_the_delay_capped_at_max() -> None:
+def test_rate_limited_retry_after_raises_the_delay_capped() -> None:
     policy = RetryPolicy(base_delay_s=1.0, max_delay_s=60.0, rng=random.Random(3))
     d = policy.decide(errors.RateLimited("429", retry_after_s=30.0), 1, 2)
     assert d.retry is True
-    assert d.delay_s == 30.0
+    assert 30.0 <= d.delay_s <= 33.0  # Retry-After plus up to 10 % jitter
 
+    # Capped at max(RETRY_MAX_DELAY_S, 300 s): an open breaker's cooldown grows to 300 s.
     d = policy.decide(errors.RateLimited("429", retry_after_s=5000.0), 1, 2)
-    assert d.delay_s == 60.0
+    assert d.delay_s == 300.0
+    d = RetryPolicy(max_delay_s=900.0).decide(errors.RateLimited("429", retry_after_s=5000.0), 1, 2)
+    assert d.delay_s == 900.0
 
     # A short Retry-After never lowers the backoff.
     d = policy.decide(errors.RateLimited("429", retry_after_s=0.01), 3, 4)

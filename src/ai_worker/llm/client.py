@@ -1,7 +1,15 @@
 """OpenAI-compatible chat client for structured output.
 
-One call of `structured` makes up to two requests: the first answer, and, when that answer is not valid
-JSON for the schema, one repair request that shows the model its reply and the error. Each request is
+One call of `structured` makes up to three asks: the first answer; when that answer was cut at the token
+limit (`finish_reason: length`), one re-ask with a doubled max_tokens (within the model's ceiling) and an
+instruction to be brief; when an answer is not valid JSON for the schema, one repair request that shows
+the model its reply and the error. A reply is read leniently first (code fences, text around the object,
+raw control characters in strings: llm/parsing.py), so a repair is asked only for a real problem.
+
+Each request asks for structured output in the model's mode (llm/structured.py: json_schema, json_object
+or prompt); a server that rejects the mode gets the next one at once ("auto"), without counting as an
+outage. max_tokens is sized per step (the registry's STEP_MAX_TOKENS, the model's step_max_tokens and
+ceiling, LLM_MAX_TOKENS), and the same figure is what the rate limits and budgets reserve. Each request is
 retried on transient errors (429, 5xx, timeouts) up to PROVIDER_MAX_RETRIES times with backoff and
 jitter (`ProviderRetry`); permanent errors are raised at once. Every HTTP attempt is recorded
 (`api_requests_history`, `attempt` numbered from 1 within the call), failed ones included. A semaphore
@@ -13,9 +21,9 @@ the model's breaker is open or it already failed in this call, within the model'
 from __future__ import annotations
 
 import functools
-import json
 import re
 import time
+import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
@@ -24,8 +32,9 @@ import httpx
 import structlog
 from pydantic import BaseModel, ValidationError
 
-from ai_worker.errors import InvalidOutput, ProviderRejected, WorkerError
-from ai_worker.llm.schema import strict_json_schema
+from ai_worker.errors import InvalidOutput, OutputTruncated, ProviderRejected, StructuredOutputUnsupported, WorkerError
+from ai_worker.llm.parsing import ReplyNotJSON, parse_json_reply
+from ai_worker.llm.structured import FALLBACK_ORDER, Mode, ModeMemory, is_mode_rejection, messages_for, response_format
 from ai_worker.providers.budget import CallBudget, Unlimited
 from ai_worker.providers.history import ApiRequestRecord, CallContext, Recorder
 from ai_worker.providers.http_errors import (
@@ -36,7 +45,7 @@ from ai_worker.providers.http_errors import (
     error_for_transport,
     status_of,
 )
-from ai_worker.providers.registry import FlatDefaults, ModelRegistry, ResolvedModel
+from ai_worker.providers.registry import DEFAULT_LLM_MAX_TOKENS, LLM_STEPS, FlatDefaults, ModelRegistry, ResolvedModel
 from ai_worker.providers.retrying import ProviderRetry
 from ai_worker.providers.routing import ModelRouter, Route, concurrency
 
@@ -50,6 +59,7 @@ log = structlog.get_logger(__name__)
 MAX_RECORDED_CONTENT = 20_000
 _MAX_ERROR_IN_REPAIR = 600
 _FENCE = re.compile(r"^```[a-zA-Z0-9_-]*\s*\n?(.*?)\n?\s*```$", re.DOTALL)
+TRUNCATION_BOOST = 2  # a reply cut at the token limit is asked again with this many times the tokens
 
 
 class Prompt(BaseModel):
@@ -155,6 +165,8 @@ class _Attempt:
     value: BaseModel | None
     problem: str | None
     model: str
+    truncated: bool = False  # finish_reason "length" and no usable value
+    max_tokens: int = 0
 
 
 class LLMClient:
@@ -175,6 +187,7 @@ class LLMClient:
         self._retry = retry if retry is not None else ProviderRetry()
         self._owns_http = http is None
         self._http = http if http is not None else httpx.AsyncClient(timeout=self._timeout)
+        self.modes = ModeMemory()
 
     @classmethod
     def from_settings(
@@ -199,7 +212,7 @@ class LLMClient:
         recorder: Recorder,
         overrides: Mapping[str, str] | None = None,
         openrouter_extras: bool | None = None,
-        max_tokens: int = 8000,
+        max_tokens: int | None = None,
         price_in_per_mtok: float = 0.0,
         price_out_per_mtok: float = 0.0,
         timeout_s: float = 120.0,
@@ -207,12 +220,20 @@ class LLMClient:
         http: httpx.AsyncClient | None = None,
         retry: ProviderRetry | None = None,
         budget: CallBudget | None = None,
+        model_fields: Mapping[str, Any] | None = None,
     ) -> LLMClient:
-        """A client for one OpenAI-compatible endpoint and model (tools and tests)."""
+        """A client for one OpenAI-compatible endpoint and model (tools and tests). `max_tokens`: one value
+        for every request (default: sized per step); `model_fields`: more fields of the model's registry
+        entry (structured_output, sampling, step_max_tokens)."""
+        fields = dict(model_fields or {})
+        if max_tokens is not None:
+            fields.setdefault("max_tokens", max_tokens)
+            fields.setdefault("step_max_tokens", dict.fromkeys(LLM_STEPS, max_tokens))
         registry = ModelRegistry.single(
             base_url=base_url, api_key=api_key, model=model, overrides=overrides, openrouter_extras=openrouter_extras,
             flat=FlatDefaults(price_in_per_mtok=price_in_per_mtok, price_out_per_mtok=price_out_per_mtok,
-                              max_tokens=max_tokens))
+                              max_tokens=max_tokens or DEFAULT_LLM_MAX_TOKENS),
+            model_fields=fields)
         return cls(router=ModelRouter(registry, concurrency={"llm": max_concurrency}), recorder=recorder,
                    timeout_s=timeout_s, http=http, retry=retry, budget=budget)
 
@@ -226,93 +247,127 @@ class LLMClient:
     async def structured(
         self, prompt: Prompt, schema: type[T], call: CallContext, *, step: str | None = None
     ) -> LLMResult[T]:
-        """Ask for a JSON object valid for `schema`; repair once; raise InvalidOutput if still invalid."""
+        """Ask for a JSON object valid for `schema`: a cut-off reply is asked again once with more room, an
+        invalid one is repaired once; raise OutputTruncated / InvalidOutput when that fails too."""
         step = step or call.request_type
         messages: list[dict[str, str]] = [
             {"role": "system", "content": prompt.system},
             {"role": "user", "content": prompt.user},
         ]
         log.debug("llm_prompt", step=step, request_type=call.request_type, messages=messages)
+        ask = _Ask(step=step, schema=schema, call=call, call_id=uuid.uuid4().hex[:12])
 
-        counter = [0]
-        first = await self._request(step, messages, schema, call, counter)
+        first = await self._request(ask, messages, purpose="first", boost=1)
         usage = first.usage
         if first.value is not None:
-            return LLMResult(value=self._typed(first.value, schema), usage=usage, model=first.model,
-                             calls=counter[0])
+            return self._result(first, schema, usage, ask)
+        last, boost = first, 1
+        if first.truncated:
+            boost = TRUNCATION_BOOST
+            log.warning("llm_output_truncated_asking_again", model=first.model, request_type=call.request_type,
+                        task_id=call.task_id, max_tokens=first.max_tokens)
+            messages = _briefer(messages, first.max_tokens)
+            second = await self._request(ask, messages, purpose="truncated", boost=boost)
+            usage = usage + second.usage
+            if second.value is not None:
+                return self._result(second, schema, usage, ask)
+            if second.truncated:
+                raise OutputTruncated(f"{schema.__name__} output cut at the token limit twice "
+                                      f"(max_tokens {first.max_tokens}, then {second.max_tokens})")
+            last = second
 
         log.warning(
             "llm_output_invalid_repairing",
-            model=first.model,
+            model=last.model,
             request_type=call.request_type,
             task_id=call.task_id,
-            problem=first.problem,
+            problem=last.problem,
         )
         repair = list(messages)
-        if first.content:
-            repair.append({"role": "assistant", "content": first.content})
+        if last.content:
+            repair.append({"role": "assistant", "content": last.content})
         repair.append(
             {
                 "role": "user",
                 "content": (
-                    f"Your previous reply was not valid: {first.problem}. "
+                    f"Your previous reply was not valid: {last.problem}. "
                     "Reply again with only the corrected JSON object that matches the schema."
                 ),
             }
         )
-        second = await self._request(step, repair, schema, call, counter)
-        usage = usage + second.usage
-        if second.value is not None:
-            return LLMResult(value=self._typed(second.value, schema), usage=usage, model=second.model,
-                             calls=counter[0])
-        raise InvalidOutput(f"{schema.__name__} output still invalid after repair: {second.problem}")
+        fixed = await self._request(ask, repair, purpose="repair", boost=boost)
+        usage = usage + fixed.usage
+        if fixed.value is not None:
+            return self._result(fixed, schema, usage, ask)
+        if fixed.truncated:
+            raise OutputTruncated(f"{schema.__name__} repair output cut at the token limit "
+                                  f"(max_tokens {fixed.max_tokens}): {fixed.problem}")
+        raise InvalidOutput(f"{schema.__name__} output still invalid after repair: {fixed.problem}")
 
-    async def _request(
-        self,
-        step: str,
-        messages: list[dict[str, str]],
-        schema: type[BaseModel],
-        call: CallContext,
-        counter: list[int],
-    ) -> _Attempt:
-        """One request with in-call retries of transient errors (each attempt routed: a model that failed
-        hands the next attempt to its fallback); `counter` numbers the HTTP attempts."""
+    def _result(self, attempt: _Attempt, schema: type[T], usage: LLMUsage, ask: _Ask) -> LLMResult[T]:
+        return LLMResult(value=self._typed(attempt.value, schema), usage=usage, model=attempt.model,
+                         calls=ask.counter)
+
+    async def _request(self, ask: _Ask, messages: list[dict[str, str]], *, purpose: str, boost: int) -> _Attempt:
+        """One ask with in-call retries of transient errors (each attempt routed: a model that failed
+        hands the next attempt to its fallback). A rejection of the structured-output mode switches the
+        model to its next mode and re-sends at once (at most once per mode)."""
         failed: set[str] = set()
         async for retry in self._retry.retrying():
             with retry:
-                counter[0] += 1
-                number = counter[0]
-                return await self.router.attempt(
-                    step, "llm", failed,
-                    functools.partial(self._attempt, messages=messages, schema=schema, call=call, attempt=number),
-                    tokens=lambda model: self.max_tokens_of(model, messages),
-                    used_tokens=lambda result: result.usage.total_tokens,
-                )
+                for _ in FALLBACK_ORDER:
+                    ask.counter += 1
+                    number = ask.counter
+                    try:
+                        return await self.router.attempt(
+                            ask.step, "llm", failed,
+                            functools.partial(self._attempt, ask=ask, messages=messages, attempt=number,
+                                              purpose=purpose, boost=boost),
+                            tokens=lambda model: self.max_tokens_of(model, self._sent(model, messages, ask),
+                                                                    self.request_max_tokens(model, ask.step, boost)),
+                            used_tokens=lambda result: result.usage.total_tokens,
+                        )
+                    except StructuredOutputUnsupported as exc:
+                        rejected = next((m for m in FALLBACK_ORDER if m == exc.mode), None)
+                        if not exc.model_id or rejected is None:
+                            raise
+                        model = self.router.registry.model(exc.model_id)
+                        if self.modes.demote(model, rejected, str(exc)) is None:
+                            raise
+                raise AssertionError("unreachable: every structured-output mode was tried")  # pragma: no cover
         raise AssertionError("unreachable: tenacity either returns or re-raises")  # pragma: no cover
 
+    def _sent(self, model: ResolvedModel, messages: list[dict[str, str]], ask: _Ask) -> list[dict[str, str]]:
+        return messages_for(self.modes.current(model), messages, ask.schema)
+
     @staticmethod
-    def _typed(value: BaseModel, schema: type[T]) -> T:
+    def request_max_tokens(model: ResolvedModel, step: str, boost: int = 1) -> int:
+        """max_tokens of a request: the step's size for the model (x `boost` after a cut-off reply), never
+        above the model's ceiling."""
+        return min(model.max_tokens_for(step) * max(1, boost), model.max_tokens)
+
+    @staticmethod
+    def _typed(value: BaseModel | None, schema: type[T]) -> T:
         if not isinstance(value, schema):  # pragma: no cover - _validate always returns schema instances
             raise InvalidOutput(f"expected {schema.__name__}, got {type(value).__name__}")
         return value
 
     @staticmethod
-    def _payload(model: ResolvedModel, messages: list[dict[str, str]], schema: type[BaseModel]) -> dict[str, Any]:
+    def _payload(model: ResolvedModel, mode: Mode, messages: list[dict[str, str]], schema: type[BaseModel],
+                 max_tokens: int) -> dict[str, Any]:
         payload: dict[str, Any] = {
             "model": model.name,
             "messages": messages,
-            "response_format": {
-                "type": "json_schema",
-                "json_schema": {
-                    "name": schema.__name__,
-                    "strict": True,
-                    "schema": strict_json_schema(schema),
-                },
-            },
-            "max_tokens": model.max_tokens,
+            "max_tokens": max_tokens,
         }
+        fmt = response_format(mode, schema)
+        if fmt is not None:
+            payload["response_format"] = fmt
+        for name, value in model.sampling:
+            payload[name] = value
         if model.openrouter_extras:
-            payload["provider"] = {"require_parameters": True}
+            if fmt is not None:
+                payload["provider"] = {"require_parameters": True}
             payload["usage"] = {"include": True}
         return payload
 
@@ -324,49 +379,53 @@ class LLMClient:
         return headers
 
     @staticmethod
-    def _validate(content: str, schema: type[BaseModel]) -> tuple[BaseModel | None, str | None]:
-        text = strip_fences(content)
-        if not text:
-            return None, "the reply was empty"
+    def _validate(content: str, schema: type[BaseModel]) -> tuple[BaseModel | None, str | None, tuple[str, ...]]:
+        """(value, problem, leniencies used): the reply read leniently, then checked against the schema."""
         try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            return None, f"the reply is not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno})"
+            parsed = parse_json_reply(content)
+        except ReplyNotJSON as exc:
+            return None, str(exc), ()
         try:
-            return schema.model_validate(data), None
+            return schema.model_validate(parsed.data), None, parsed.lenient
         except ValidationError as exc:
             detail = _describe_validation_error(exc)[:_MAX_ERROR_IN_REPAIR]
-            return None, f"the JSON does not match the schema ({detail})"
+            return None, f"the JSON does not match the schema ({detail})", parsed.lenient
 
     @staticmethod
     def prompt_tokens_estimate(messages: list[dict[str, str]]) -> int:
         """Prompt tokens, over-estimated at 3 characters a token plus 16 a message."""
         return int(sum(len(m.get("content", "")) for m in messages) / 3) + 16 * len(messages)
 
-    def max_tokens_of(self, model: ResolvedModel, messages: list[dict[str, str]]) -> int:
+    def max_tokens_of(self, model: ResolvedModel, messages: list[dict[str, str]], max_tokens: int) -> int:
         """The most tokens one request can use: taken from the model's token rate limits beforehand."""
-        return self.prompt_tokens_estimate(messages) + model.max_tokens
+        return self.prompt_tokens_estimate(messages) + max_tokens
 
-    def max_cost(self, model: ResolvedModel, messages: list[dict[str, str]]) -> float:
-        """The most one request can cost: prompt estimate x input price + max tokens x output price.
+    def max_cost(self, model: ResolvedModel, messages: list[dict[str, str]], max_tokens: int) -> float:
+        """The most one request can cost: prompt estimate x input price + its max_tokens x output price.
         Reserved against the budgets before the request."""
-        return self.prompt_tokens_estimate(messages) * model.price_in + model.max_tokens * model.price_out
+        return self.prompt_tokens_estimate(messages) * model.price_in + max_tokens * model.price_out
 
     async def _attempt(
         self,
         route: Route,
-        messages: list[dict[str, str]],
-        schema: type[BaseModel],
-        call: CallContext,
         *,
+        ask: _Ask,
+        messages: list[dict[str, str]],
         attempt: int,
+        purpose: str,
+        boost: int,
     ) -> _Attempt:
         """One paid request: reserve its maximum cost, make it, settle to the real cost (a failed request
         is refunded: providers do not bill errors)."""
-        reservation = await self._budget.reserve(call, "llm", self.max_cost(route.model, messages))
+        model = route.model
+        mode = self.modes.current(model)
+        sent = messages_for(mode, messages, ask.schema)
+        max_tokens = self.request_max_tokens(model, ask.step, boost)
+        reservation = await self._budget.reserve(ask.call, "llm", self.max_cost(model, sent, max_tokens))
         spent, recorded = 0.0, False
         try:
-            result = await self._attempt_unbudgeted(route, messages, schema, call, attempt=attempt)
+            result = await self._attempt_unbudgeted(route, ask, sent, mode=mode, max_tokens=max_tokens,
+                                                    attempt=attempt, purpose=purpose)
             spent, recorded = result.usage.cost, True
             return result
         except WorkerError:
@@ -378,27 +437,39 @@ class LLMClient:
     async def _attempt_unbudgeted(
         self,
         route: Route,
+        ask: _Ask,
         messages: list[dict[str, str]],
-        schema: type[BaseModel],
-        call: CallContext,
         *,
+        mode: Mode,
+        max_tokens: int,
         attempt: int,
+        purpose: str,
     ) -> _Attempt:
         """One HTTP request. Raises the classified error for transport/HTTP/provider failures (after
-        recording it); returns an `_Attempt` whose `problem` is set when the output is unusable."""
-        model = route.model
-        payload = self._payload(model, messages, schema)
+        recording it; a rejection of the structured-output mode becomes StructuredOutputUnsupported);
+        returns an `_Attempt` whose `problem` is set when the output is unusable."""
+        model, schema, call = route.model, ask.schema, ask.call
+        payload = self._payload(model, mode, messages, schema, max_tokens)
         request_data: dict[str, Any] = {
             "model": model.name,
             "messages": messages,
-            "max_tokens": model.max_tokens,
+            "max_tokens": max_tokens,
             "schema": schema.__name__,
+            "structured_output": mode,
+            "call_id": ask.call_id,
+            "purpose": purpose,  # first | truncated (asked again after a cut-off reply) | repair
         }
+        if model.sampling:
+            request_data["sampling"] = dict(model.sampling)
         started = time.monotonic()
         status_code: int | None = None
         body: dict[str, Any] | None = None
         usage = LLMUsage()
         content = ""
+        finish_reason: str | None = None
+        lenient: tuple[str, ...] = ()
+        value: BaseModel | None = None
+        problem: str | None = None
         response_data: dict[str, Any] | None = None
         try:
             started = time.monotonic()
@@ -425,18 +496,28 @@ class LLMClient:
                 "finish_reason": finish_reason,
                 "id": body.get("id"),
             }
-            value, problem = self._validate(content, schema)
+            value, problem, lenient = self._validate(content, schema)
+            if lenient:
+                response_data["lenient"] = list(lenient)
             if problem is not None and finish_reason == "length":
-                problem += " (the reply was cut off at the token limit)"
+                problem += f" (the reply was cut off at the token limit, max_tokens {max_tokens})"
         except WorkerError as exc:
             failure: WorkerError | None = exc
             if status_code is not None and status_of(exc) is None:
                 attach_status(exc, status_code)
+            if is_mode_rejection(exc, mode):
+                failure = attach_status(StructuredOutputUnsupported(
+                    f"the server rejected structured output mode {mode!r} of model {model.id!r}: {exc}",
+                    model_id=model.id, mode=mode), status_of(exc))
             if body is not None and response_data is None:
                 response_data = {"id": body.get("id"), "error": body.get("error")}
         else:
             failure = None
+        truncated = value is None and finish_reason == "length"
         duration_ms = int((time.monotonic() - started) * 1000)
+        invalid: WorkerError | None = None
+        if failure is None and problem is not None:
+            invalid = OutputTruncated(problem) if truncated else InvalidOutput(problem)
         await self._record(
             call,
             attempt=attempt,
@@ -446,18 +527,21 @@ class LLMClient:
             usage=usage,
             status_code=status_code,
             duration_ms=duration_ms,
-            error=failure if failure is not None else (InvalidOutput(problem) if problem is not None else None),
+            error=failure if failure is not None else invalid,
         )
         if failure is not None:
             log.warning("llm_call_failed", model=model.id, request_type=call.request_type, task_id=call.task_id,
                         attempt=attempt, status_code=status_code, error_type=failure.error_type,
-                        error=str(failure), duration_ms=duration_ms)
+                        error=str(failure), duration_ms=duration_ms, structured_output=mode)
             raise failure
         log.info("llm_call", model=model.id, fallback=route.fallback, request_type=call.request_type,
-                 task_id=call.task_id, attempt=attempt, valid=problem is None, prompt_tokens=usage.prompt_tokens,
+                 task_id=call.task_id, attempt=attempt, purpose=purpose, valid=problem is None,
+                 finish_reason=finish_reason, lenient=list(lenient) or None, structured_output=mode,
+                 max_tokens=max_tokens, prompt_tokens=usage.prompt_tokens,
                  completion_tokens=usage.completion_tokens, cost=usage.cost, duration_ms=duration_ms)
         log.debug("llm_reply", model=model.id, content=content[:MAX_RECORDED_CONTENT])
-        return _Attempt(content=content, usage=usage, value=value, problem=problem, model=model.id)
+        return _Attempt(content=content, usage=usage, value=value, problem=problem, model=model.id,
+                        truncated=truncated, max_tokens=max_tokens)
 
     async def _record(
         self,
@@ -501,6 +585,30 @@ class LLMClient:
             await self._recorder.record(record)
         except Exception:  # history is best effort: never turn a paid, successful call into a failure
             log.exception("llm_record_failed", request_type=call.request_type, task_id=call.task_id)
+
+
+@dataclass
+class _Ask:
+    """One `structured` call: what it asks for, and how many HTTP attempts it made so far."""
+
+    step: str
+    schema: type[BaseModel]
+    call: CallContext
+    call_id: str  # in every history record of the call (request_data.call_id)
+    counter: int = 0
+
+
+def _briefer(messages: list[dict[str, str]], max_tokens: int) -> list[dict[str, str]]:
+    """The messages again, the last user message asking for a shorter reply (a cut-off reply's re-ask)."""
+    note = (f"\n\nImportant: your previous reply was cut off at the limit of {max_tokens} tokens. Keep every "
+            "text field brief (one or two short sentences) and lists short, so that the complete JSON object "
+            "fits.")
+    out = [dict(m) for m in messages]
+    for message in reversed(out):
+        if message.get("role") == "user":
+            message["content"] = message.get("content", "") + note
+            return out
+    return [*out, {"role": "user", "content": note.strip()}]
 
 
 def _chat_url(model: ResolvedModel) -> str:

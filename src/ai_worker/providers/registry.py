@@ -5,6 +5,16 @@ MODEL_REGISTRY_FILE). `load_registry` validates it (unknown providers, models, s
 errors naming the entry); `ModelRegistry.resolve` applies the environment (base URLs, API keys, and the
 model choice variables DEFAULT_LLM_MODEL, LLM_MODEL_OVERRIDES, IMAGE_MODEL, IMAGE_PROVIDER, which win over
 the file's `steps`) and gives the `ResolvedModels` the LLM client and the image service route through.
+
+LLM models also say how a server takes structured output (`structured_output`), which sampling settings
+to send, and how many tokens each step's reply may use:
+
+    max_tokens of a request = min(the model's step_max_tokens[step], else STEP_MAX_TOKENS[step],
+                                  the model's max_tokens, else LLM_MAX_TOKENS,
+                                  LLM_MAX_TOKENS when the user set it)
+
+so a post does not reserve (rate limits, budgets) or allow 8000 tokens, a model's own limit is never
+passed, and an explicit LLM_MAX_TOKENS caps every request of every model.
 """
 
 from __future__ import annotations
@@ -14,7 +24,7 @@ import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -28,6 +38,24 @@ LLM_STEPS = ("world_description", "character_batch", "post_batch", "post", "imag
 IMAGE_STEPS = ("world_header", "world_icon", "avatar", "post_image")
 IMAGE_GROUP = "image"  # a model listing "image" serves every image step not claimed by name
 STEP_NAMES = frozenset((*LLM_STEPS, *IMAGE_STEPS, IMAGE_GROUP))
+
+# How many tokens each step's reply may use by default. Sized from what the step returns, with generous
+# headroom (replies measured on the provider simulator and on real models: bench/results/real_model.md):
+# a world description is the largest single object; a character batch holds up to 10 characters of ~8
+# fields; a post batch up to 10 short ideas; a post is a caption, tags and an image prompt.
+STEP_MAX_TOKENS: dict[str, int] = {
+    "world_description": 4000,
+    "character_batch": 6000,
+    "post_batch": 2000,
+    "post": 1000,
+    "image_prompt": 600,
+}
+DEFAULT_LLM_MAX_TOKENS = 8000  # a model's ceiling when neither the registry nor LLM_MAX_TOKENS says
+LLM_MAX_TOKENS_ENV = "LLM_MAX_TOKENS"
+
+StructuredOutput = Literal["auto", "json_schema", "json_object", "prompt"]
+SAMPLING_FIELDS = ("temperature", "top_p", "frequency_penalty", "presence_penalty", "repeat_penalty")
+_LLM_ONLY_FIELDS = ("step_max_tokens", *SAMPLING_FIELDS)
 
 
 class RegistryError(ValueError):
@@ -56,7 +84,18 @@ class ModelDef(BaseModel):
     price_in_per_mtok: float | None = Field(None, ge=0)
     price_out_per_mtok: float | None = Field(None, ge=0)
     price_per_image: float | None = Field(None, ge=0)
-    max_tokens: int | None = Field(None, gt=0)
+    max_tokens: int | None = Field(None, gt=0)  # the model's ceiling for one reply
+    step_max_tokens: dict[str, int] = Field(default_factory=dict)  # per LLM step, over STEP_MAX_TOKENS
+    # How the server takes structured output: "auto" starts with json_schema and falls back (json_object,
+    # then prompt) when the server rejects the mode; the mode that worked is remembered per model.
+    structured_output: StructuredOutput = "auto"
+    # Sampling, sent only when set. repeat_penalty is a llama.cpp extension (llama-server,
+    # llama-cpp-python); OpenAI-style servers may reject or ignore it.
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    presence_penalty: float | None = Field(None, ge=-2, le=2)
+    repeat_penalty: float | None = Field(None, gt=0)
     rpm: int | None = Field(None, ge=0)
     tpm: int | None = Field(None, ge=0)
     tpd: int | None = Field(None, ge=0)
@@ -141,6 +180,17 @@ class RegistryFile(BaseModel):
                 problems.append(f"models.{name!r}: unknown provider {m.provider!r}")
             elif (self.providers[m.provider].kind == "runware") and m.kind != "image":
                 problems.append(f"models.{name!r}: provider {m.provider!r} only serves images")
+            for step, tokens in m.step_max_tokens.items():
+                if step not in LLM_STEPS:
+                    problems.append(f"models.{name!r}: step_max_tokens: unknown LLM step {step!r} "
+                                    f"(known: {list(LLM_STEPS)})")
+                elif tokens <= 0:
+                    problems.append(f"models.{name!r}: step_max_tokens.{step} must be > 0")
+            llm_only = [f for f in _LLM_ONLY_FIELDS if getattr(m, f)]
+            if m.structured_output != "auto":
+                llm_only.append("structured_output")
+            if m.kind == "image" and llm_only:
+                problems.append(f"models.{name!r}: {', '.join(llm_only)} only apply to llm models")
             for fb in m.fallbacks:
                 if fb not in self.models:
                     problems.append(f"models.{name!r}: unknown fallback {fb!r}")
@@ -176,7 +226,10 @@ class FlatDefaults:
     price_in_per_mtok: float = 0.30
     price_out_per_mtok: float = 2.50
     price_per_image: float = 0.04
-    max_tokens: int = 8000
+    max_tokens: int = DEFAULT_LLM_MAX_TOKENS  # a model's ceiling when its entry sets none (LLM_MAX_TOKENS)
+    # An explicit global cap on every request (LLM_MAX_TOKENS set by the user). None: read it from the
+    # environment the registry is resolved against.
+    max_tokens_cap: int | None = None
 
 
 @dataclass(frozen=True)
@@ -195,7 +248,7 @@ class ResolvedModel:
     price_in_per_mtok: float
     price_out_per_mtok: float
     price_per_image: float
-    max_tokens: int
+    max_tokens: int  # the ceiling of one reply (the model's max_tokens, LLM_MAX_TOKENS)
     limits: Limits
     max_concurrent: int | None
     fallbacks: tuple[str, ...] = ()
@@ -212,6 +265,16 @@ class ResolvedModel:
     def image_price(self, width: int, height: int) -> float:
         """The registry's price of one image asked at width x height."""
         return self.price_per_image + self.price_per_mpx * width * height / 1e6
+    # (step, tokens) pairs: the step's default max_tokens for this model, before the ceiling.
+    step_max_tokens: tuple[tuple[str, int], ...] = ()
+    structured_output: StructuredOutput = "auto"
+    # (field, value) pairs of the sampling settings to send, only the ones the registry sets.
+    sampling: tuple[tuple[str, float], ...] = ()
+
+    def max_tokens_for(self, step: str) -> int:
+        """max_tokens of a request for `step`: the step's size for this model, within the model's ceiling
+        (a step the table does not know gets the ceiling)."""
+        return min(dict(self.step_max_tokens).get(step, self.max_tokens), self.max_tokens)
 
     @property
     def openrouter_extras(self) -> bool:
@@ -314,14 +377,16 @@ class ModelRegistry:
         flat: FlatDefaults | None = None,
         provider_kind: ProviderKind = "openai",
         openrouter_extras: bool | None = None,
+        model_fields: Mapping[str, Any] | None = None,
     ) -> ModelRegistry:
-        """One provider, `model` for every step of its kind (tools and tests)."""
+        """One provider, `model` for every step of its kind (tools and tests); `model_fields` are more
+        fields of its registry entry (structured_output, sampling, step_max_tokens, ...)."""
         name = "offline" if provider_kind == "offline" else "openrouter" if openrouter_extras else "main"
         table = RegistryFile.model_construct(
             defaults=Defaults(llm=model, image=model),
             providers={name: ProviderDef(kind=provider_kind, base_url=base_url, api_key_env="MAIN_API_KEY",
                                          openrouter_extras=openrouter_extras)},
-            models={model: ModelDef(provider=name, kind=kind)},
+            models={model: ModelDef(provider=name, kind=kind, **dict(model_fields or {}))},
         )
         env = {"MAIN_API_KEY": api_key} if api_key else {}
         choice = ModelChoice(llm_model_overrides=dict(overrides or {}))
@@ -401,7 +466,7 @@ class ModelRegistry:
             price_out_per_mtok=flat.price_out_per_mtok if m.price_out_per_mtok is None else m.price_out_per_mtok,
             price_per_image=(0.0 if provider.kind == "offline" or m.price_per_mpx is not None else flat.price_per_image)
             if m.price_per_image is None else m.price_per_image,
-            max_tokens=m.max_tokens or flat.max_tokens,
+            max_tokens=self._ceiling(m),
             limits=Limits(rpm=m.rpm or None, tpm=m.tpm or None, tpd=m.tpd or None),
             max_concurrent=m.max_concurrent or None,
             fallbacks=tuple(m.fallbacks),
@@ -409,9 +474,33 @@ class ModelRegistry:
             base_url_env=m.base_url_env or provider.base_url_env,
             price_per_mpx=m.price_per_mpx or 0.0,
             image_sizes=tuple((step, parse_size(size)) for step, size in m.image_sizes.items()),
+            step_max_tokens=tuple({**STEP_MAX_TOKENS, **m.step_max_tokens}.items()) if m.kind == "llm" else (),
+            structured_output=m.structured_output,
+            sampling=tuple((f, float(v)) for f in SAMPLING_FIELDS if (v := getattr(m, f)) is not None),
         )
         self._models[model_id] = resolved
         return resolved
+
+    def _ceiling(self, m: ModelDef) -> int:
+        """The most tokens one reply of the model may use: its own max_tokens, else LLM_MAX_TOKENS (default
+        8000); an explicit LLM_MAX_TOKENS caps even a model's own value (the environment wins)."""
+        ceiling = m.max_tokens or self._flat.max_tokens
+        cap = self.max_tokens_cap
+        return min(ceiling, cap) if cap is not None else ceiling
+
+    @property
+    def max_tokens_cap(self) -> int | None:
+        """LLM_MAX_TOKENS when the user set it (explicitly, or in the environment), else None."""
+        if self._flat.max_tokens_cap is not None:
+            return self._flat.max_tokens_cap
+        for name, value in self._env.items():  # variable names are case-insensitive, as in Settings
+            if name.upper() == LLM_MAX_TOKENS_ENV and value.strip():
+                try:
+                    cap = int(value.strip())
+                except ValueError:
+                    return None  # Settings rejects it with a message naming the variable
+                return cap if cap > 0 else None
+        return None
 
     def _env_value(self, name: str | None) -> str | None:
         if not name:

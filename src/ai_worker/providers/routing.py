@@ -7,12 +7,16 @@ first model of the chain whose breaker lets it through and that has not already 
 error earlier in the same call (so a 5xx, timeout, 429 or unusable image moves the call's next attempt
 to the next model at once, the way OpenRouter's own `models` fallback does). Models that already failed
 in this call come last, in chain order, so they are tried again when nothing else is available. When
-every breaker is open the attempt fails with `ProviderUnavailable` (retryable) without a request.
+every breaker is open the attempt fails with `ProviderUnavailable` (retryable) without a request; it
+carries the earliest next probe time (`retry_after_s`) and `spends_attempt=False`, as does a
+`RateLimited` from our own limiter (a wait longer than its maximum), so the task waits for the provider
+without using up its attempts.
 
 Breakers count 5xx, connection errors and timeouts (`MODEL_FAILURES`); a 429 does not (it slows the
 model's shared rate-limit bucket instead: `penalize`), nor do permanent errors or a reply that did not
-fit the schema. The request records the model that served it, the model the step asked for, and whether
-that was a fallback.
+fit the schema, nor a refusal of the structured-output mode (`StructuredOutputUnsupported`, a
+ProviderRejected: the LLM client switches the model's mode and re-sends). The request records the model
+that served it, the model the step asked for, and whether that was a fallback.
 """
 
 from __future__ import annotations
@@ -132,9 +136,10 @@ class ModelRouter:
                     log.info("model_fallback", step=step, requested=chain[0].id, model=model.id)
                 return Route(model=model, requested=chain[0])
         wait = min(self.breakers.get(m.provider, m.name).retry_after_s() for m in chain)
+        # No request was made: the task should wait for the next probe without spending an attempt.
         raise ProviderUnavailable(
             f"circuit open for every model of step {step} ({', '.join(m.id for m in chain)}); "
-            f"next probe in {wait:.1f}s")
+            f"next probe in {wait:.1f}s", retry_after_s=wait or None, spends_attempt=False)
 
     def _semaphore(self, model: ResolvedModel) -> contextlib.AbstractAsyncContextManager[Any]:
         """The model's own `max_concurrent`, unless an explicit MAX_CONCURRENT_* setting replaces it."""
@@ -176,7 +181,11 @@ class ModelRouter:
         verdict: bool | None = None
         try:
             async with self.slots[model.kind].slot(), self._semaphore(model):
-                permit = await self.limiter.acquire(model.id, model.limits, tokens)
+                try:
+                    permit = await self.limiter.acquire(model.id, model.limits, tokens)
+                except RateLimited as exc:  # our own limiter refused to wait longer: no request was made
+                    exc.spends_attempt = False
+                    raise
                 actual = 0
                 try:
                     result = await fn(route)

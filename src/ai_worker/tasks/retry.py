@@ -1,5 +1,15 @@
 """Retry policy: error classification and exponential backoff with jitter. How many attempts a task gets is
-its job's policy (`Job.max_attempts`, TASK_MAX_ATTEMPTS), passed in by the engine."""
+its job's policy (`Job.max_attempts`, TASK_MAX_ATTEMPTS), passed in by the engine.
+
+Provider state: a `WorkerError` may carry `retry_after_s` (an open breaker's next probe, a rate limit's
+reset, a provider's Retry-After): the retry is not scheduled before it (delay = max(backoff,
+retry_after), with up to 10 % jitter so waiting tasks do not all come back in the same instant, capped
+at `retry_after_cap_s` = max(max_delay_s, 300 s)). A failure may also not spend an attempt: the call was
+refused before any request (every breaker open, our own rate limiter's wait too long: the error says
+`spends_attempt=False`) or the database connection dropped. Such a failure is retried even at the
+attempt limit, at most `max_free_retries` times per task, and the `Decision` says so, so the engine gives
+the attempt back.
+"""
 
 from __future__ import annotations
 
@@ -10,8 +20,9 @@ import httpx
 from pydantic import ValidationError
 from pymongo.errors import ConnectionFailure, PyMongoError
 
-from ai_worker.errors import RateLimited, WorkerError
+from ai_worker.errors import WorkerError
 
+RETRY_AFTER_CAP_S = 300.0  # an open breaker's cooldown reaches 300 s
 # Retries that do not spend an attempt are capped per task, so a task can never loop forever on them.
 MAX_FREE_RETRIES = 20
 
@@ -55,6 +66,12 @@ class RetryPolicy:
     base_delay_s: float = 2.0
     max_delay_s: float = 60.0
     rng: random.Random = field(default_factory=random.Random)
+    max_free_retries: int = MAX_FREE_RETRIES
+
+    @property
+    def retry_after_cap_s(self) -> float:
+        """The longest a provider's state may delay a retry (an open breaker's cooldown reaches 300 s)."""
+        return max(self.max_delay_s, RETRY_AFTER_CAP_S)
 
     def backoff(self, attempt: int) -> float:
         """Full-jitter-ish: a random delay in [cap/2, cap], cap = min(max, base * 2^(attempt-1))."""
@@ -65,10 +82,12 @@ class RetryPolicy:
         """Retry (after how long) or fail, for attempt number `attempt` of at most `max_attempts`;
         `free_retries` is how many retries of this task already did not spend an attempt."""
         error_type, retryable = classify(exc)
-        free = retryable and not spends_attempt(exc) and free_retries < MAX_FREE_RETRIES
+        free = retryable and not spends_attempt(exc) and free_retries < self.max_free_retries
         if not retryable or (attempt >= max_attempts and not free):
             return Decision(False, 0.0, error_type, retryable)
-        delay = self.backoff(attempt)
-        if isinstance(exc, RateLimited) and exc.retry_after_s:
-            delay = max(delay, min(exc.retry_after_s, self.max_delay_s))
+        delay = self.backoff(min(attempt, max_attempts))
+        retry_after = exc.retry_after_s if isinstance(exc, WorkerError) else None
+        if retry_after:
+            wait = min(self.retry_after_cap_s, retry_after * (1.0 + 0.1 * self.rng.random()))
+            delay = max(delay, wait)
         return Decision(True, delay, error_type, retryable, spends_attempt=not free)
