@@ -335,15 +335,17 @@ def cores() -> int:
 
 
 @functools.cache
-def git_commit() -> str:
-    """HEAD's short hash when the bench started, `+dirty` when the code (not the docs or results) differs."""
+def git_commit(checkout: str | None = None) -> str:
+    """HEAD's short hash when the bench started, `+dirty` when the code (not the docs or results) differs; of
+    `checkout` (the workers' code) when given."""
+    where = Path(checkout) if checkout else REPO
     try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=where, capture_output=True, text=True,
                              timeout=10, check=True).stdout.strip()
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", *CODE_PATHS],
-                               cwd=REPO,
+                               cwd=where,
                                capture_output=True, text=True, timeout=10, check=True).stdout.strip()
-        return out + ("+dirty" if dirty else "")
+        return ("workers " if checkout else "") + out + ("+dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
         return "?"
 

@@ -53,6 +53,8 @@ def single_command(args: argparse.Namespace, users: int, posts: int, workers: in
         argv.append("--offline-images")
     if args.keep_rate_limits:
         argv.append("--keep-rate-limits")
+    if args.worker_src:
+        argv += ["--worker-src", args.worker_src]
     return shlex.join(argv)
 
 
@@ -62,13 +64,16 @@ async def run_once(args: argparse.Namespace, users: int, posts: int, workers: in
 
     load_before = c.loadavg()
     wall_started = time.monotonic()
-    registry = c.bench_registry(c.load_toml(default_registry_path()), strip_rate_limits=not args.keep_rate_limits)
+    registry_file = Path(f"{args.worker_src}/models.toml") if args.worker_src else default_registry_path()
+    registry = c.bench_registry(c.load_toml(registry_file), strip_rate_limits=not args.keep_rate_limits)
     extra = dict(args.env)
+    if args.worker_src:  # the workers run another checkout's code (a baseline), the stack this one's
+        extra["PYTHONPATH"] = f"{args.worker_src}/src"  # made absolute when the arguments were read
     if args.offline_images:
         extra.setdefault("IMAGE_PROVIDER", "offline")
     result: dict[str, Any] = {"users": users, "posts": posts, "workers": workers, "load_before": load_before,
                               "command": single_command(args, users, posts, workers), "date": c.today(),
-                              "commit": c.git_commit(), "cores": c.cores()}
+                              "commit": c.git_commit(args.worker_src), "cores": c.cores()}
     async with c.BenchStack(simulator_config=SimulatorConfig(latency_ms=0), registry=registry,
                             keep=args.keep) as bs:
         settings = bs.effective_settings(extra)
@@ -248,6 +253,10 @@ def parse(argv: list[str]) -> argparse.Namespace:
                         help="IMAGE_PROVIDER=offline (drawn in the worker) instead of the simulator's images")
     parser.add_argument("--keep-rate-limits", action="store_true",
                         help="keep the registry's rpm/tpm/tpd limits (they cap a zero-latency world)")
+    parser.add_argument("--worker-src", metavar="CHECKOUT",
+                        help="run the workers from another checkout's code (its src/ and models.toml; it needs the "
+                             "database command counter, observability/dbstats.py), e.g. a baseline, to compare "
+                             "side by side on the same stack code")
     parser.add_argument("--prompt", default=c.DEFAULT_PROMPT)
     parser.add_argument("--out", help="append one markdown row per run to this file (e.g. bench/results/throughput.md)")
     parser.add_argument("--json", help="write every figure of every run to this file")
@@ -257,6 +266,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
     args.users = args.users if args.users is not None else users
     args.posts = args.posts if args.posts is not None else posts
     args.env = c.parse_env_items(args.env)
+    if args.worker_src:
+        args.worker_src = str(Path(args.worker_src).resolve())
     if args.repeat < 1 or args.workers < 1:
         parser.error("--repeat and --workers must be at least 1")
     return args
