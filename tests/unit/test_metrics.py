@@ -238,6 +238,22 @@ async def test_consumer_lag_is_throttled_and_never_raises() -> None:
     await metrics.ConsumerLag(Broken(), every_s=0).refresh()
 
 
+async def test_a_partition_without_a_position_is_skipped_not_the_others() -> None:
+    class Resetting(FakeConsumer):
+        async def position(self, tp: TopicPartition) -> int:
+            if tp.partition == 0:
+                await asyncio.sleep(10)  # being reset: aiokafka waits for the new position
+            return await super().position(tp)
+
+    consumer = Resetting()
+    consumer.assigned = {TopicPartition("lag-skip", 0), TopicPartition("lag-skip", 1)}
+    consumer.highwaters = {tp: 5 for tp in consumer.assigned}
+    consumer.positions = {tp: 2 for tp in consumer.assigned}
+    await asyncio.wait_for(metrics.ConsumerLag(consumer, every_s=0).refresh(), 1)
+    assert REGISTRY.get_sample_value("ai_worker_consumer_lag", {"topic": "lag-skip", "partition": "0"}) is None
+    assert value("ai_worker_consumer_lag", topic="lag-skip", partition="1") == 3
+
+
 def test_consumer_gauges_read_the_consumer_when_scraped() -> None:
     running = [3]
     metrics.watch_consumer(lambda: running[0], lambda: 7)

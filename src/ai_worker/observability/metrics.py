@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, Final, Literal
 
 import grpc
 import structlog
+from aiokafka.errors import KafkaError
 from prometheus_client import Counter, Gauge, Histogram, disable_created_metrics
 
 from ai_worker.messaging.events import TaskType
@@ -266,10 +267,14 @@ class ConsumerLag:
     async def _refresh(self) -> None:
         shown: set[tuple[str, str]] = set()
         for tp in list(self._consumer.assignment()):
-            highwater = self._consumer.highwater(tp)
-            if highwater is None:  # not fetched yet: no position to compare with either
+            try:
+                highwater = self._consumer.highwater(tp)
+                if highwater is None:  # not fetched yet: no position to compare with either
+                    continue
+                # Known at once after a fetch; the bound keeps a partition being reset from holding the loop.
+                position = await asyncio.wait_for(self._consumer.position(tp), POSITION_TIMEOUT_S)
+            except (AssertionError, TimeoutError, KafkaError):  # revoked meanwhile, or no position yet
                 continue
-            position = await asyncio.wait_for(self._consumer.position(tp), POSITION_TIMEOUT_S)
             labels = (tp.topic, str(tp.partition))
             CONSUMER_LAG.labels(*labels).set(max(0, int(highwater) - int(position)))
             shown.add(labels)
