@@ -125,7 +125,7 @@ class Settings(BaseSettings):
 
     # --- observability (metrics are always on; tracing needs the `tracing` extra) ------------------
     worker_status_interval_s: float = Field(10.0, alias="WORKER_STATUS_INTERVAL_S", gt=0)
-    tracing_enabled: bool = Field(False, alias="TRACING_ENABLED")
+    tracing_enabled: bool = Field(False, validation_alias=AliasChoices("TRACING_ENABLED", "OTEL_TRACES_ENABLED"))
     tracing_exporter: Literal["otlp", "console", "none"] = Field("otlp", alias="TRACING_EXPORTER")
 
     # --- web console (`ai-worker console`) -----------------------------------------------------

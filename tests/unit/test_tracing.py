@@ -171,3 +171,5 @@ def test_missing_exporter_package_is_a_configuration_error(monkeypatch: pytest.M
     with pytest.raises(ConfigError, match=r"TRACING_ENABLED.*tracing-otlp"):
         load_settings(**BASE, TRACING_ENABLED="true")
     assert load_settings(**BASE, TRACING_ENABLED="true", TRACING_EXPORTER="console").tracing_exporter == "console"
+    assert load_settings(**BASE, OTEL_TRACES_ENABLED="true", TRACING_EXPORTER="none").tracing_enabled
+    assert not load_settings(**BASE).tracing_enabled  # off by default
