@@ -1,7 +1,7 @@
 """Tracing (observability/tracing.py) without servers: the world's trace id, the traceparent a published event
 carries (the current task's span; for a task's own retry, its attempt's parent), a consumed header as the
 parent, a header of another trace kept as a link, provider and gRPC spans under the task span, and nothing at
-all when tracing is off. The whole worker is traced in tests/integration/test_tracing.py."""
+all when tracing is off. The whole worker is traced in tests/integration/test_world_trace.py."""
 
 from __future__ import annotations
 
