@@ -12,8 +12,9 @@ COPY src ./src
 COPY prompts ./prompts
 COPY protos ./protos
 COPY models.toml ./
-# Wheels for the package and all its dependencies (no `embedded` extra: the image talks to real servers).
-RUN pip wheel --wheel-dir /wheels .
+# Wheels for the package and all its dependencies (no `embedded` extra: the image talks to real servers). The
+# `tracing-otlp` extra lets TRACING_ENABLED=true export spans over OTLP; tracing stays off unless it is set.
+RUN pip wheel --wheel-dir /wheels '.[tracing-otlp]'
 
 FROM python:3.11-slim
 ENV PYTHONDONTWRITEBYTECODE=1 \
@@ -26,7 +27,7 @@ RUN groupadd --system --gid 10001 worker \
     && useradd --system --uid 10001 --gid worker --home-dir /app --shell /usr/sbin/nologin worker
 WORKDIR /app
 COPY --from=build /wheels /wheels
-RUN pip install --no-index --find-links=/wheels ai-worker && rm -rf /wheels
+RUN pip install --no-index --find-links=/wheels 'ai-worker[tracing-otlp]' && rm -rf /wheels
 COPY --chown=worker:worker prompts ./prompts
 COPY --chown=worker:worker protos ./protos
 USER worker:worker

@@ -150,6 +150,13 @@ class FakeCollection:
         self.docs[new["_id"]] = new
         return UpdateResult(0, 0, upserted_id=new["_id"])
 
+    async def delete_one(self, query: Doc) -> None:
+        self._enter("delete_one")
+        for doc in self._candidates(query):
+            if matches(doc, query):
+                del self.docs[doc["_id"]]
+                return
+
     async def find_one_and_update(self, query: Doc, update: Doc, **kwargs: Any) -> Doc | None:
         self._enter("find_one_and_update")
         for doc in self._candidates(query):

@@ -36,9 +36,10 @@ from ai_worker.messaging.admin import ensure_topics
 from ai_worker.messaging.consumer import TaskConsumer
 from ai_worker.messaging.producer import EventProducer
 from ai_worker.messaging.security import describe
-from ai_worker.observability import dbstats
+from ai_worker.observability import dbstats, metrics, tracing
 from ai_worker.observability.health import HealthServer
 from ai_worker.observability.worker_checks import worker_readiness
+from ai_worker.observability.worker_status import WorkerStatusReporter, WorkerStatusStore
 from ai_worker.platform.clients import PlatformClients
 from ai_worker.providers.breaker import BreakerBoard
 from ai_worker.providers.budget import MongoBudget
@@ -141,6 +142,8 @@ async def _start(settings: Settings, stack: contextlib.AsyncExitStack, stop: asy
     """Open and start everything; each client is registered on `stack` as soon as it exists. Returns the
     consumer to run, or None when `stop` was set while waiting for the servers."""
     deadline = time.monotonic() + settings.startup_timeout_s
+    tracing.configure(settings)  # off unless TRACING_ENABLED; flushed once everything else has stopped
+    stack.callback(tracing.shutdown)
     uri = settings.mongodb_uri
     try:
         mongo = mongo_client(settings)
@@ -213,6 +216,7 @@ async def _start(settings: Settings, stack: contextlib.AsyncExitStack, stop: asy
     )
     policy = RetryPolicy(base_delay_s=settings.retry_base_delay_s, max_delay_s=settings.retry_max_delay_s)
     registry = build_registry(max_attempts=settings.task_max_attempts, timeouts_s=settings.task_timeouts_s)
+    metrics.set_task_types(registry.types())
     progress = WorldProgress(status, registry, tasks=store, accounting=recorder, default_budget=default_budget(
         registry.predict, settings.models, BudgetPolicy.from_settings(settings), enhance=settings.image_prompt_enhance))
     engine = Engine(store=store, progress=progress, registry=registry, context_factory=JobContext.factory(services),
@@ -226,6 +230,7 @@ async def _start(settings: Settings, stack: contextlib.AsyncExitStack, stop: asy
         client_options=kafka_options,
     )
     _closing(stack, "kafka consumer", consumer.stop)
+    metrics.watch_consumer(consumer.in_flight, consumer.buffered)
     stack.callback(engine.close)  # retry timers go before the consumer closes (as the drain has finished)
     await start_kafka(consumer.start, bootstrap, _remaining(deadline), "Kafka (consumer)")
 
@@ -233,10 +238,12 @@ async def _start(settings: Settings, stack: contextlib.AsyncExitStack, stop: asy
                             interval_s=settings.reconcile_interval_s, lease_s=settings.task_lease_s,
                             ensure_topics=lambda: ensure_topics(bootstrap, topics, settings.kafka_topic_partitions,
                                                                 kafka_options))
-    health = HealthServer(settings.service_host, settings.service_port, stats=lambda: {
-        "worker_id": settings.worker_id, "in_flight": consumer.in_flight(), "processed": consumer.processed,
+    reporter = WorkerStatusReporter(WorkerStatusStore(db), worker_id=settings.worker_id, counters=lambda: {
+        "in_flight": consumer.in_flight(), "buffered": consumer.buffered(), "processed": consumer.processed,
         "dead_lettered": consumer.dead_lettered, "breakers": breakers.snapshot()},
-        ready=worker_readiness(settings, db, producer, consumer, stop))
+        interval_s=settings.worker_status_interval_s)
+    health = HealthServer(settings.service_host, settings.service_port, stats=reporter.stats,
+                          ready=worker_readiness(settings, db, producer, consumer, stop))
     _closing(stack, "health endpoint", health.stop)
     try:
         await health.start()
@@ -245,6 +252,8 @@ async def _start(settings: Settings, stack: contextlib.AsyncExitStack, stop: asy
                           "check SERVICE_HOST / SERVICE_PORT (is the port already in use?)", usage=True) from None
     reconcile_task = asyncio.create_task(reconciler.run(stop))
     stack.push_async_callback(_cancel, reconcile_task)
+    _closing(stack, "worker status", reporter.close)  # removes this worker's status document
+    reporter.start()
     stack.callback(stop.set)  # whatever ends the run, the reconciler and the timers stop first
     return consumer
 

@@ -125,6 +125,11 @@ class Settings(BaseSettings):
     startup_timeout_s: float = Field(30.0, alias="STARTUP_TIMEOUT_S", gt=0)
     cli_timeout_s: float = Field(5.0, alias="CLI_TIMEOUT_S", gt=0)
 
+    # --- observability (metrics are always on; tracing needs the `tracing` extra) ------------------
+    worker_status_interval_s: float = Field(10.0, alias="WORKER_STATUS_INTERVAL_S", gt=0)
+    tracing_enabled: bool = Field(False, validation_alias=AliasChoices("TRACING_ENABLED", "OTEL_TRACES_ENABLED"))
+    tracing_exporter: Literal["otlp", "console", "none"] = Field("otlp", alias="TRACING_EXPORTER")
+
     # --- web console (`ai-worker console`) -----------------------------------------------------
     console_host: str = Field("127.0.0.1", alias="CONSOLE_HOST")
     console_port: int = Field(8082, alias="CONSOLE_PORT", ge=0, le=65535)
@@ -203,6 +208,12 @@ class Settings(BaseSettings):
             raise ConfigError(f"invalid configuration:\n  MODEL_REGISTRY_FILE: {exc}") from None
         if missing:
             raise ConfigError("missing API key(s):\n  " + "\n  ".join(missing) + "\n" + self._image_hint())
+        if self.tracing_enabled:
+            from ai_worker.observability.tracing import missing_packages
+
+            problem = missing_packages(self.tracing_exporter)
+            if problem:
+                raise ConfigError(f"invalid configuration:\n  TRACING_ENABLED: {problem}")
         from ai_worker.jobs import build_registry  # the jobs need the settings module: import late
 
         for name, overrides in (("TASK_MAX_ATTEMPTS", {"max_attempts": self.task_max_attempts}),

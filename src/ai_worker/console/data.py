@@ -18,13 +18,13 @@ from typing import Any, Generic, TypeVar
 from pymongo import ASCENDING, DESCENDING
 
 from ai_worker.mongo import Database, Document
+from ai_worker.observability.worker_status import WORKERS
 from ai_worker.providers.stats import ModelStatsRow, ModelStatsStore
 
 TASKS = "tasks"
 WORLD_STATUS = "world_generation_status"
 WORLD_PARAMETERS = "world_parameters"
 HISTORY = "api_requests_history"
-WORKERS = "workers"
 
 WORLD_STATUSES = ("pending", "in_progress", "completed", "failed")
 TERMINAL_WORLD = frozenset({"completed", "failed"})

@@ -35,6 +35,7 @@ from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, ConsumerRecord
 from ai_worker.messaging.events import BadMessage, TaskEvent, parse_task_event
 from ai_worker.messaging.offsets import OffsetTracker
 from ai_worker.messaging.producer import EventProducer
+from ai_worker.observability import metrics, tracing
 from ai_worker.scheduling import FairQueue, WorkClass
 
 log = structlog.get_logger(__name__)
@@ -116,6 +117,7 @@ class TaskConsumer:
             max_partition_fetch_bytes=2 * 1024 * 1024,
             **dict(client_options or {}),
         )
+        self._lag = metrics.ConsumerLag(self._consumer)
 
     # --- lifecycle ------------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -150,6 +152,7 @@ class TaskConsumer:
                         self._accept(tp, msg)
                 self._fill()
                 await self._commit(force=False)
+                await self._lag.refresh()
         finally:
             self._dispatching = False
             self._drop_buffered(None)
@@ -185,6 +188,7 @@ class TaskConsumer:
     def _accept(self, tp: TopicPartition, msg: Any) -> None:
         """Track the message and buffer it for the scheduler (an unusable one is dead-lettered at once)."""
         self._tracker.add(tp, msg.offset)
+        metrics.event_received()
         try:
             event = parse_task_event(msg.value)
         except BadMessage as exc:
@@ -230,6 +234,7 @@ class TaskConsumer:
         # Each message runs in its own asyncio task (its own contextvars copy): bind where it came from.
         structlog.contextvars.bind_contextvars(kafka_partition=tp.partition, kafka_offset=msg.offset)
         where = {"partition": tp.partition, "offset": msg.offset}
+        tracing.received(msg.headers)
         try:
             if item.event is None:
                 raise BadMessage(item.reason or "not a task event")
@@ -253,6 +258,7 @@ class TaskConsumer:
                 source_topic=tp.topic, partition=tp.partition, offset=msg.offset,
             )
             self.dead_lettered += 1
+            metrics.dead_lettered(reason)
         except Exception as exc:
             log.error("dead-letter publish failed; message skipped", reason=reason, error=str(exc),
                       partition=tp.partition, offset=msg.offset)

@@ -11,6 +11,7 @@ import structlog
 from aiokafka import AIOKafkaProducer
 
 from ai_worker.messaging.events import task_created
+from ai_worker.observability import tracing
 
 log = structlog.get_logger(__name__)
 
@@ -57,7 +58,8 @@ class EventProducer:
     async def publish_task(self, task_id: str, task_type: str, world_id: str) -> None:
         # Keyed by task id so follow-on events spread over partitions.
         event = task_created(task_id, task_type, world_id)
-        await self._producer.send_and_wait(self.tasks_topic, event.to_bytes(), key=task_id.encode())
+        await self._producer.send_and_wait(self.tasks_topic, event.to_bytes(), key=task_id.encode(),
+                                           headers=tracing.task_headers(task_id))
 
     async def publish_progress(self, event: dict[str, Any]) -> None:
         body = {**event, "timestamp": datetime.now(UTC).isoformat()}

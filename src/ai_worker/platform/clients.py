@@ -21,6 +21,7 @@ import grpc
 import grpc.aio
 
 from ai_worker.errors import PlatformRejected, PlatformUnavailable, WorkerError
+from ai_worker.observability.metrics import observe_grpc
 from ai_worker.platform.discovery import (
     CHARACTER_SERVICE,
     MEDIA_SERVICE,
@@ -200,6 +201,7 @@ class _ServiceClient:
         error: WorkerError | None = None,
         status_code: int | None = None,
     ) -> None:
+        observe_grpc(self._service, method, started, status_code=status_code, failed=error is not None)
         if call is None or self._recorder is None:
             return
         record = ApiRequestRecord(

@@ -22,6 +22,7 @@ from pymongo.errors import DuplicateKeyError
 
 from ai_worker.errors import BudgetExceeded
 from ai_worker.mongo import Collection, Database
+from ai_worker.observability.metrics import budget_refused
 from ai_worker.providers.history import CallContext
 from ai_worker.worlds.status import CALL_FIELDS, LIVE, CallKind, WorldStatusStore
 
@@ -116,9 +117,12 @@ class MongoBudget:
         reserved_field = CALL_FIELDS[kind][2]
         doc = await self._worlds.get(world_id) or {}
         if doc.get("status") not in LIVE:
+            budget_refused("world_not_live")
             raise BudgetExceeded(f"world {world_id} is {doc.get('status')}: no more paid calls")
         if limit is not None and int(doc.get(reserved_field, 0)) >= limit:
+            budget_refused("world_calls")
             raise BudgetExceeded(f"world call limit reached: {limit} {kind} calls")
+        budget_refused("world_money")
         raise BudgetExceeded(
             f"world budget of ${cap:.4f} would be exceeded: ${float(doc.get('budget_committed_usd', 0.0)):.4f} "
             f"committed, this call may cost up to ${amount:.4f}. {RAISE_HINT}")
@@ -130,6 +134,7 @@ class MongoBudget:
         res = await self._budgets.update_one(
             {"_id": day, "committed_usd": {"$lte": self._daily_cap - amount}}, {"$inc": {"committed_usd": amount}})
         if not res.matched_count:
+            budget_refused("daily")
             raise BudgetExceeded(f"daily budget of ${self._daily_cap:.2f} would be exceeded (DAILY_BUDGET_USD)")
         return day
 

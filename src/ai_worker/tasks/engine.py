@@ -25,7 +25,8 @@ from pymongo.errors import OperationFailure
 from ai_worker.errors import BudgetExceeded, InvalidParameters, UnknownTaskType, WorkerError
 from ai_worker.messaging.events import BadMessage, EventType, TaskEvent, utcnow
 from ai_worker.mongo import Document
-from ai_worker.observability.logging import task_log_context
+from ai_worker.observability import metrics
+from ai_worker.observability.attempts import attempt_outcome, task_attempt
 from ai_worker.scheduling import WorkClass, working_as
 from ai_worker.tasks.context import ContextFactory, LeaseLost, TaskContext
 from ai_worker.tasks.model import TERMINAL_VALUES, InvalidTaskDocument, TaskDoc, TaskStatus, parse_task
@@ -96,8 +97,8 @@ class Engine:
             raw = None
         if raw is not None:
             task = await self._valid(raw)
-            with task_log_context(task_id=task.id, world_id=task.world_id, task_type=task.type,
-                                  attempt=task.attempt_count):
+            with task_attempt(task_id=task.id, world_id=task.world_id, task_type=task.type,
+                              attempt=task.attempt_count):
                 await self._run_claimed(task)
             return
         raw = await self.store.get_raw(event.task_id)
@@ -115,8 +116,8 @@ class Engine:
             await self._unclaimable(task)
             return
         claimed = await self._valid(raw)
-        with task_log_context(task_id=claimed.id, world_id=claimed.world_id, task_type=claimed.type,
-                              attempt=claimed.attempt_count):
+        with task_attempt(task_id=claimed.id, world_id=claimed.world_id, task_type=claimed.type,
+                          attempt=claimed.attempt_count):
             await self._run_claimed(claimed)
 
     async def _valid(self, raw: Document) -> TaskDoc:
@@ -133,6 +134,7 @@ class Engine:
             return False
         log.error("task quarantined", task_id=str(raw.get("_id")), error_type=InvalidTaskDocument.error_type,
                   error=reason)
+        metrics.task_finished(raw.get("type"), "quarantined")
         world_id = raw.get("world_id")
         if isinstance(world_id, str):
             await self._recount(world_id)
@@ -145,6 +147,7 @@ class Engine:
             reason = f"unknown task type {task.type[:64]!r}"
             if await self.store.fail_unclaimed(task.id, f"{UnknownTaskType.error_type}: {reason}",
                                                UnknownTaskType.error_type):
+                metrics.task_finished(task.type, "failed")
                 await self._recount(task.world_id)
             raise BadMessage(reason)  # logged once, by the consumer, with the dead letter
         if task.status in TERMINAL_VALUES:
@@ -180,6 +183,7 @@ class Engine:
                 why = f"world is failed: {reason or 'a world-level step failed'}"
                 if await self.store.cancel_claimed(task, self.worker_id, why):
                     log.info("task cancelled: its world already failed", reason=why)
+                    attempt_outcome("cancelled")
                     await self._record(task.world_id, failed=task.type)
                 return
         log.info("task started")
@@ -222,6 +226,7 @@ class Engine:
             log.warning("lost the lease before completing; result discarded")
             return
         log.info("task completed", children=len(docs), children_new=sum(inserted.values()))
+        attempt_outcome("completed")
         await self._record(task.world_id, inserted=inserted, completed=task.type)
         for doc in docs:
             await self._publish(doc["_id"], doc["type"], doc["world_id"])
@@ -239,12 +244,14 @@ class Engine:
             log.warning("task failed, will retry", error_type=decision.error_type, error=message,
                         retry_in_s=round(decision.delay_s, 2), max_attempts=max_attempts,
                         attempt_spent=decision.spends_attempt)
+            attempt_outcome("retrying", decision.error_type)
             self._schedule_publish(task, decision.delay_s)
             event_type = "task_retrying"
         else:
             if not await self.store.fail(task, self.worker_id, message, decision.error_type):
                 log.warning("lost the lease before failing the task")
                 return
+            attempt_outcome("failed", decision.error_type)
             if decision.error_type == BudgetExceeded.error_type:
                 await self.progress.status.mark_budget_exceeded(task.world_id, message)
             log.error("task failed", error_type=decision.error_type, error=message,
@@ -277,11 +284,13 @@ class Engine:
         if state is not None:
             self._remember_world(world_id, state)
             if state.finished is not None:
+                metrics.world_finished(state.finished)
                 await self._publish_progress({"event_type": f"world_{state.finished}", "world_id": world_id})
 
     async def _recount(self, world_id: str) -> None:
         finished = await self.progress.recount(world_id)
         if finished is not None:
+            metrics.world_finished(finished)
             self._worlds.pop(world_id, None)
             await self._publish_progress({"event_type": f"world_{finished}", "world_id": world_id})
 

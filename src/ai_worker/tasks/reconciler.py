@@ -14,6 +14,7 @@ from pymongo.errors import DuplicateKeyError
 
 from ai_worker.messaging.events import utcnow
 from ai_worker.mongo import Collection, Database, Document
+from ai_worker.observability import metrics
 from ai_worker.tasks.engine import Engine, Publisher
 from ai_worker.tasks.model import InvalidTaskDocument, TaskDoc, parse_task
 from ai_worker.tasks.store import TaskStore
@@ -78,6 +79,7 @@ class Reconciler:
             if task is None:
                 continue
             if await self._republish(task.id, task.type, task.world_id):
+                metrics.republished("due_pending")
                 await self._store.touch(task.id)
                 counts["republished"] += 1
             else:
@@ -86,7 +88,9 @@ class Reconciler:
             task = await self._usable(raw, counts)
             if task is None:
                 continue
+            metrics.lease_expired()
             if await self._republish(task.id, task.type, task.world_id):
+                metrics.republished("expired_lease")
                 counts["expired_leases"] += 1
             else:
                 counts["publish_failed"] += 1
