@@ -19,7 +19,7 @@ pytestmark = pytest.mark.integration
 
 async def test_retry_of_a_world_failed_on_its_budget_completes_it_without_duplicates(wenv: WorkerEnv) -> None:
     await wenv.create_topics()
-    worker = wenv.start_worker(IMAGE_PRICE_USD="0.039")
+    worker = wenv.start_worker(IMAGE_MODEL="google/gemini-2.5-flash-image", IMAGE_PRICE_USD="0.039")  # $0.039 images
     client = mongo(wenv.info)
     db = client[wenv.database]
     try:
