@@ -840,16 +840,21 @@ def counts_ok(facts: WorldFacts, users: int, posts: int) -> list[str]:
 
 
 def effective_slots(settings: Any) -> dict[str, dict[str, Any]]:
-    """Per kind: the slots one worker process really has for the primary model of its steps under today's
-    rules (min of MAX_CONCURRENT_<KIND>_REQUESTS and the model's max_concurrent), with both inputs."""
+    """Per kind: the slots one worker process really has for the primary model of its steps, by the worker's
+    own rule (providers.routing.provider_slots: an explicit MAX_CONCURRENT_<KIND>_REQUESTS is the kind's
+    slots and replaces the models' max_concurrent; unset, the registry decides), with the inputs."""
     from ai_worker.providers.registry import IMAGE_STEPS, LLM_STEPS
+    from ai_worker.providers.routing import provider_slots
 
+    slots = provider_slots(settings)
     out: dict[str, dict[str, Any]] = {}
     for kind, steps, env_value in (("llm", LLM_STEPS, settings.max_concurrent_llm_requests),
                                    ("image", IMAGE_STEPS, settings.max_concurrent_image_requests)):
         per_model = {m.id: m.max_concurrent for m in (settings.models.primary(step, kind) for step in steps)}
-        caps = [env_value, *(v for v in per_model.values() if v)]
-        out[kind] = {"slots": min(caps), "env": env_value, "models": per_model}
+        effective = slots.of(kind)
+        if kind not in slots.explicit:
+            effective = min([effective, *(v for v in per_model.values() if v)])
+        out[kind] = {"slots": effective, "env": env_value, "models": per_model}
     return out
 
 
