@@ -1,7 +1,7 @@
 """A small in-memory stand-in for PyMongo's async database, for fast unit tests (and mutation testing) of
 stores that use single-document operations: find_one, insert_one, update_one (with upsert) and
 find_one_and_update. Query operators: equality, $lt, $lte, $gt, $gte, $in, $ne; update operators: $set,
-$setOnInsert, $inc, $max. `fail_next(op, exc)` makes the next call of an operation raise, as a database
+$setOnInsert, $inc, $max, $push. `fail_next(op, exc)` makes the next call of an operation raise, as a database
 that went away would. It is not MongoDB: integration tests run the same stores against the real server."""
 
 from __future__ import annotations
@@ -128,6 +128,8 @@ class FakeCollection:
                     continue
                 elif op == "$inc":
                     _set(doc, path, (0 if current is _MISSING else current) + arg)
+                elif op == "$push":
+                    _set(doc, path, [*([] if current is _MISSING else current), copy.deepcopy(arg)])
                 elif op == "$max":
                     _set(doc, path, arg if current is _MISSING or arg > current else current)
                 else:

@@ -368,7 +368,10 @@ class LocalPlatform:
 
     @staticmethod
     async def _count_repeat(col: AsyncCollection[Doc], request_id: str) -> Doc | None:
-        found: Doc | None = await col.find_one_and_update({"request_id": request_id}, {"$inc": {"create_calls": 1}})
+        # Read, then count by `_id`: a find-and-modify scans the collection on the embedded database.
+        found: Doc | None = await col.find_one({"request_id": request_id})
+        if found is not None:
+            await col.update_one({"_id": found["_id"]}, {"$inc": {"create_calls": 1}})
         return found
 
     async def _confirmed_media(self, media_id: str, context: Context) -> Doc:

@@ -20,7 +20,6 @@ from typing import Any, Protocol
 
 import structlog
 from pydantic import ValidationError
-from pymongo.errors import OperationFailure
 
 from ai_worker.errors import BudgetExceeded, InvalidParameters, UnknownTaskType, WorkerError
 from ai_worker.messaging.events import BadMessage, EventType, TaskEvent, utcnow
@@ -39,7 +38,6 @@ log = structlog.get_logger(__name__)
 
 WORLD_CACHE_S = 2.0  # how long a world's status read by this process is trusted (cancel detection)
 WORLD_CACHE_SIZE = 4096
-TYPE_MISMATCH = 14  # MongoDB's code for an update a field's type does not allow
 
 
 class Publisher(Protocol):
@@ -88,20 +86,16 @@ class Engine:
             return
         if event.event_type != EventType.TASK_CREATED:
             raise BadMessage(f"unknown event_type {event.event_type[:64]!r}")
-        # The hot path is one round trip: claim straight away; look at the document only when that fails.
-        try:
-            raw = await self.store.claim_raw(event.task_id, self.worker_id, self.lease_s, self._types)
-        except OperationFailure as exc:
-            if exc.code != TYPE_MISMATCH:  # e.g. a string attempt_count cannot be incremented
-                raise
-            raw = None
-        if raw is not None:
-            task = await self._valid(raw)
+        # The hot path is two point operations by `_id` (read, compare-and-set); the document read is
+        # what an unclaimable task is judged by.
+        claim = await self.store.try_claim(event.task_id, self.worker_id, self.lease_s, self._types)
+        if claim.claimed is not None:
+            task = await self._valid(claim.claimed)
             with task_attempt(task_id=task.id, world_id=task.world_id, task_type=task.type,
                               attempt=task.attempt_count):
                 await self._run_claimed(task)
             return
-        raw = await self.store.get_raw(event.task_id)
+        raw = claim.current
         if raw is None:
             raise BadMessage(f"unknown task id {event.task_id}: no such task document")
         if raw.get("error_type") == InvalidTaskDocument.error_type:

@@ -24,7 +24,7 @@ from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any, Final, Literal
 
-from pymongo import ASCENDING, DESCENDING, ReturnDocument
+from pymongo import ASCENDING, DESCENDING
 
 from ai_worker.messaging.events import utcnow
 from ai_worker.mongo import Collection, Database, Document
@@ -127,10 +127,15 @@ class WorldStatusStore:
 
     async def add_progress(self, world_id: str, increments: Mapping[str, int]) -> Document | None:
         """One task transition (or a parent's completion with its new children): `$inc` the counters and the
-        per-type counts in one update, and read back what the stages are derived from. O(1)."""
-        doc: Document | None = await self._col.find_one_and_update(
-            {"_id": world_id}, {"$inc": dict(increments), "$set": {"updated_at": utcnow()}},
-            projection=_PROGRESS_VIEW, return_document=ReturnDocument.AFTER)
+        per-type counts in one update, then read back what the stages are derived from. Two point
+        operations by `_id`, O(1) (a find-and-modify would scan the collection on the embedded database,
+        see TaskStore.try_claim). The read may already hold a concurrent transition's increments too;
+        what the caller derives from it (stages forward, the final recount) is idempotent."""
+        update = {"$inc": dict(increments), "$set": {"updated_at": utcnow()}}
+        res = await self._col.update_one({"_id": world_id}, update)
+        if not res.matched_count:
+            return None
+        doc: Document | None = await self._col.find_one({"_id": world_id}, _PROGRESS_VIEW)
         return doc
 
     async def write_progress(
