@@ -8,10 +8,10 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
+from fakedb import FakeDatabase
 from pymongo.errors import OperationFailure
 
 from ai_worker.tasks.store import TASKS, TaskStore, claimable
-from tests.fakedb import FakeDatabase
 
 NOW = datetime(2026, 11, 30, 12, 0, tzinfo=UTC)
 PAST, FUTURE = NOW - timedelta(seconds=5), NOW + timedelta(seconds=5)
