@@ -63,7 +63,6 @@ async def test_the_scans_and_recounts_use_indexes(db: Any) -> None:
                                                "cost": 0.0} for i in range(300)])
     old = now - timedelta(seconds=10)
     queries = {
-        "reconciler: expired leases": {"find": TASKS, "filter": {"status": "in_progress", "lease_until": {"$lt": now}}},
         "reconciler: stale worlds": {"find": WORLDS, "filter": {"status": "in_progress", "updated_at": {"$lt": old}}},
         "recount: a world's tasks": {"aggregate": TASKS, "pipeline": [
             {"$match": {"world_id": "w1"}},
@@ -76,6 +75,48 @@ async def test_the_scans_and_recounts_use_indexes(db: Any) -> None:
     for what, command in queries.items():
         stages = await _plan(db, command)
         assert "COLLSCAN" not in stages, (what, stages)
+
+
+async def _reconciler_pass(db: Any, finished: int) -> float:
+    """Seconds for the reconciler's task scans (due pending, expired leases, malformed dates) over a
+    database holding `finished` finished tasks, 60 pending and 20 running ones; checks what they find."""
+    store = TaskStore(db)
+    await store.ensure_indexes()
+    now = datetime.now(UTC)
+    recent, old = now - timedelta(seconds=1), now - timedelta(seconds=60)
+    for start in range(0, finished, 2000):
+        await db[TASKS].insert_many([{"_id": f"f{i}", "world_id": "w", "status": "completed", "updated_at": old,
+                                      "pad": "x" * 300} for i in range(start, min(start + 2000, finished))])
+    await db[TASKS].insert_many(
+        [{"_id": f"p{i}", "world_id": "w", "status": "pending", "updated_at": recent} for i in range(60)]
+        + [{"_id": f"r{i}", "world_id": "w", "status": "in_progress", "updated_at": recent,
+            "lease_until": now + timedelta(seconds=30)} for i in range(20)]
+        + [{"_id": "lost", "world_id": "w", "status": "pending", "updated_at": old},
+           {"_id": "platform", "world_id": "w", "status": "pending", "updated_at": "2026-11-30T10:00:00Z"},
+           {"_id": "later", "world_id": "w", "status": "pending", "updated_at": old, "not_before": now + timedelta(60)},
+           {"_id": "bad date", "world_id": "w", "status": "pending", "updated_at": old, "not_before": "soon"},
+           {"_id": "expired", "world_id": "w", "status": "in_progress", "updated_at": old, "lease_until": old}])
+    begin = time.perf_counter()
+    due = await store.due_pending(now, now - timedelta(seconds=10), 100)
+    expired = await store.expired_leases(now, 100)
+    malformed = await store.malformed_live(100)
+    spent = time.perf_counter() - begin
+    assert sorted(d["_id"] for d in due) == ["lost", "platform"]
+    assert [d["_id"] for d in expired] == ["expired"]
+    assert [d["_id"] for d in malformed] == ["bad date"]
+    return spent
+
+
+async def test_the_reconcilers_scans_do_not_grow_with_the_finished_tasks(stack_info: StackInfo) -> None:
+    """A top-level `$or` / `$and` in a scan is a collection scan on the embedded database (the old queries:
+    ~0.3 s a pass over 20,000 finished tasks, every reconcile interval): the scans stay flat."""
+    client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(stack_info.mongo_uri, tz_aware=True)
+    try:
+        small = await _reconciler_pass(client[f"recon_s_{uuid.uuid4().hex[:8]}"], 100)
+        large = await _reconciler_pass(client[f"recon_l_{uuid.uuid4().hex[:8]}"], 20_000)
+    finally:
+        await client.close()
+    assert large < max(3 * small, 0.05), (small, large)
 
 
 async def _per_task_path(db: Any, tasks: int, worlds: int) -> float:

@@ -277,7 +277,7 @@ class WorkerStatus:
 
 
 async def ensure_indexes(db: Database) -> None:
-    """The indexes the console's queries need beyond the worker's own (tasks has (world_id, type, status);
+    """The indexes the console's queries need beyond the worker's own (tasks has (world_id, status, created_at);
     api_requests_history has (world_id, api_type))."""
     # A world's posts, newest first: the sort (updated_at, then _id for ties) is the index's order.
     await db[TASKS].create_index([("world_id", ASCENDING), ("type", ASCENDING), ("updated_at", DESCENDING),

@@ -8,6 +8,7 @@ document is quarantined (failed with `invalid_task_document`) and never stops a 
 
 from __future__ import annotations
 
+import contextlib
 from collections import Counter
 from collections.abc import Collection as Many
 from datetime import UTC, datetime, timedelta
@@ -26,6 +27,7 @@ log = structlog.get_logger(__name__)
 TASKS = "tasks"
 DUPLICATE_KEY = 11000
 _LIVE = [TaskStatus.PENDING.value, TaskStatus.IN_PROGRESS.value]
+_OBSOLETE_INDEXES = ("world_id_1_type_1_status_1", "status_1_not_before_1", "status_1_lease_until_1")
 _CLAIM_ROUNDS = 3  # a compare-and-set lost to a concurrent write: look again (a touch, a racing claimer)
 _UNUSABLE_FIELD = {2, 14}  # BadValue, TypeMismatch: the claim's $inc / $push cannot apply to the document
 
@@ -76,11 +78,19 @@ class TaskStore:
         self._tasks: Collection = db[TASKS]
 
     async def ensure_indexes(self) -> None:
-        await self._tasks.create_index([("world_id", ASCENDING), ("type", ASCENDING), ("status", ASCENDING)])
-        await self._tasks.create_index([("status", ASCENDING), ("not_before", ASCENDING)])
-        await self._tasks.create_index([("status", ASCENDING), ("lease_until", ASCENDING)])
+        """Two indexes (and the retention's TTL index on `finished_at`, retention.py). None serves the
+        per-task path, which addresses tasks by `_id` only; every index costs each task write (measured on
+        the embedded database: an update 2.7 ms of database CPU under six indexes, 2.2 ms under three), so
+        there are only the ones the scans need:
+        - (status, updated_at): the reconciler's due pending tasks that were not touched lately, and, by its
+          `status` prefix, the running tasks whose lease expired (at most as many as the slots running) and
+          live tasks with malformed dates;
+        - (world_id, status, created_at): a world's tasks (recount, cancel, retry, listing)."""
         await self._tasks.create_index([("status", ASCENDING), ("updated_at", ASCENDING)])
         await self._tasks.create_index([("world_id", ASCENDING), ("status", ASCENDING), ("created_at", ASCENDING)])
+        for name in _OBSOLETE_INDEXES:  # created by earlier versions; each one slowed every write
+            with contextlib.suppress(OperationFailure):
+                await self._tasks.drop_index(name)
 
     # --- reading ----------------------------------------------------------------------------------
     async def get_raw(self, task_id: str) -> Document | None:
@@ -304,39 +314,40 @@ class TaskStore:
         return bool(res.matched_count)
 
     # --- the reconciler's scans (indexed) ---------------------------------------------------------------
+    # The scans keep every operator below the top level: a top-level `$or` / `$and` is a collection scan on
+    # the embedded database (measured: 265 ms a pass over 20,000 finished tasks, against 4 ms this way).
     async def due_pending(self, now: datetime, older_than: datetime, limit: int) -> list[Document]:
         """Pending tasks that are due and were last touched before `older_than` (their event may be lost).
-        A platform-inserted task whose `updated_at` is a string counts as untouched."""
+        A platform-inserted task whose `updated_at` is a string (or missing) counts as untouched. Served by
+        the `status` prefix of (status, updated_at): O(pending tasks), not O(all tasks)."""
         cursor = self._tasks.find(
             {
                 "status": TaskStatus.PENDING.value,
-                "$and": [
-                    {"$or": [{"not_before": None}, {"not_before": {"$lte": now}}]},
-                    {"$or": [{"updated_at": {"$lt": older_than}}, {"updated_at": {"$type": "string"}},
-                             {"updated_at": None}]},
-                ],
+                "updated_at": {"$not": {"$gte": older_than}},  # older, a string, null or missing
+                "not_before": {"$not": {"$gt": now}},  # none or due, or malformed: dropped below
             },
             limit=limit,
         )
-        return [d async for d in cursor]
+        # A `not_before` that is not a date is left to `malformed_live` (quarantined, not republished).
+        return [d async for d in cursor if d.get("not_before") is None or _aware(d.get("not_before")) is not None]
 
     async def expired_leases(self, now: datetime, limit: int) -> list[Document]:
+        # `updated_at < now` holds for every running task (the claim and each renewal set it): it is there
+        # so the (status, updated_at) index serves the scan.
         cursor = self._tasks.find(
-            {"status": TaskStatus.IN_PROGRESS.value, "lease_until": {"$lt": now}}, limit=limit
+            {"status": TaskStatus.IN_PROGRESS.value, "updated_at": {"$lt": now}, "lease_until": {"$lt": now}},
+            limit=limit,
         )
         return [d async for d in cursor]
 
     async def malformed_live(self, limit: int) -> list[Document]:
         """Live tasks whose dates make them unclaimable (a string `not_before` or `lease_until`): found so
         they can be quarantined even when their event was lost."""
-        cursor = self._tasks.find(
-            {"$or": [
-                {"status": TaskStatus.PENDING.value, "not_before": {"$type": "string"}},
-                {"status": TaskStatus.IN_PROGRESS.value, "lease_until": {"$type": "string"}},
-            ]},
-            limit=limit,
-        )
-        return [d async for d in cursor]
+        found: list[Document] = []
+        for status, field in ((TaskStatus.PENDING, "not_before"), (TaskStatus.IN_PROGRESS, "lease_until")):
+            cursor = self._tasks.find({"status": status.value, field: {"$type": "string"}}, limit=limit)
+            found += [d async for d in cursor]
+        return found[:limit]
 
     async def touch(self, task_id: str) -> None:
         await self._tasks.update_one(
