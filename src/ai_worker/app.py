@@ -156,7 +156,7 @@ async def _start(settings: Settings, stack: contextlib.AsyncExitStack, stop: asy
     db = mongo[settings.mongodb_database]
     store = TaskStore(db)
     status = WorldStatusStore(db)
-    recorder = MongoRecorder(db, stats_flush_s=STATS_FLUSH_S)
+    recorder = MongoRecorder(db, stats_flush_s=STATS_FLUSH_S, worlds=status)
     _closing(stack, "request history", recorder.aclose)  # records kept through an outage: last chance
     try:
         for owner in (store, status, recorder):
@@ -193,7 +193,7 @@ async def _start(settings: Settings, stack: contextlib.AsyncExitStack, stop: asy
 
     platform = PlatformClients.from_settings(settings, recorder)
     _closing(stack, "platform clients", platform.close)
-    budget = MongoBudget(db, daily_cap_usd=settings.daily_budget_usd)
+    budget = MongoBudget(db, daily_cap_usd=settings.daily_budget_usd, worlds=status)
     slots = provider_slots(settings)
     task_slots = settings.task_slots(slots.llm + slots.image)
     log.info("slots", llm=slots.llm, image=slots.image, explicit=sorted(slots.explicit), tasks=task_slots,

@@ -63,8 +63,8 @@ class Unlimited:
 class MongoBudget:
     """The per-world ledger is kept by the world's status store; the daily one is `budgets` (owned here)."""
 
-    def __init__(self, db: Database, *, daily_cap_usd: float) -> None:
-        self._worlds = WorldStatusStore(db)
+    def __init__(self, db: Database, *, daily_cap_usd: float, worlds: WorldStatusStore | None = None) -> None:
+        self._worlds = worlds or WorldStatusStore(db)
         self._budgets: Collection = db[BUDGETS_COLLECTION]
         self._daily_cap = daily_cap_usd
         self._caps: dict[str, tuple[float | None, dict[Kind, int | None]]] = {}

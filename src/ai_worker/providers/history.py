@@ -15,6 +15,7 @@ from pydantic import BaseModel, Field
 from pymongo import ASCENDING
 from pymongo.errors import BulkWriteError, PyMongoError
 
+from ai_worker.groupcommit import GroupInsert
 from ai_worker.mongo import Collection, Database, Document
 from ai_worker.observability.metrics import observe_call
 from ai_worker.providers.stats import ModelStatsStore
@@ -79,14 +80,17 @@ class MongoRecorder:
     budget settlement of the same call (one update: `providers.budget`) and set from this history when the
     world ends (`sync_world`).
 
-    A record that cannot be written (the database is down) is kept in this process and written again in the
-    background until it is (`pending`), so the history ends up equal to what the providers billed; a world
-    that finished meanwhile has its counters set again from the completed history."""
+    Records are written in groups: concurrent calls share one insert (groupcommit.GroupInsert), each caller
+    still waits for its own record. A record that cannot be written (the database is down) is kept in this
+    process and written again in the background until it is (`pending`), so the history ends up equal to
+    what the providers billed; a world that finished meanwhile has its counters set again from the completed
+    history."""
 
     def __init__(self, db: Database, *, retry_s: float = 0.5, max_pending: int = 100_000,
-                 stats_flush_s: float = 0.0) -> None:
+                 stats_flush_s: float = 0.0, worlds: WorldStatusStore | None = None) -> None:
         self._history: Collection = db[HISTORY_COLLECTION]
-        self._worlds = WorldStatusStore(db)
+        self._inserts = GroupInsert(self._history, self._keep)
+        self._worlds = worlds or WorldStatusStore(db)
         self._stats = ModelStatsStore(db, flush_s=stats_flush_s)
         self._retry_s = retry_s
         self._max_pending = max_pending
@@ -103,12 +107,11 @@ class MongoRecorder:
         await self._stats.ensure_indexes()
 
     async def record(self, record: ApiRequestRecord) -> None:
+        """Write one record (grouped with the records other calls of this process write at the same moment:
+        groupcommit.GroupInsert); a record the database does not take is kept and written later."""
         doc = record.model_dump(by_alias=True)
         observe_call(record)
-        try:
-            await self._history.insert_one(doc)
-        except PyMongoError as exc:
-            self._keep(doc, exc)
+        if not await self._inserts.insert(doc):
             return
         if record.api_type in ("llm", "image_generation"):
             try:
@@ -159,6 +162,7 @@ class MongoRecorder:
 
     async def aclose(self) -> None:
         """Last chance for records kept in memory (at shutdown), and for the summary's pending counts."""
+        await self._inserts.drain()
         if self._flusher is not None:
             self._flusher.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):

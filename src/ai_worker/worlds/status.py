@@ -26,6 +26,7 @@ from typing import Any, Final, Literal
 
 from pymongo import ASCENDING, DESCENDING
 
+from ai_worker.groupcommit import GroupIncrement
 from ai_worker.messaging.events import utcnow
 from ai_worker.mongo import Collection, Database, Document
 
@@ -89,8 +90,13 @@ def new_status_document(
 
 
 class WorldStatusStore:
+    """The owner of `world_generation_status`. A process shares one instance between its engine, budget
+    and history (app.py), so that the counters' increments of all three are grouped per world
+    (groupcommit.GroupIncrement: concurrent increments share one update)."""
+
     def __init__(self, db: Database) -> None:
         self._col: Collection = db[COLLECTION]
+        self._increments = GroupIncrement(self._col, _PROGRESS_VIEW)
 
     async def ensure_indexes(self) -> None:
         # The reconciler's scan of worlds that stopped moving, and the operator's list of recent worlds.
@@ -127,16 +133,12 @@ class WorldStatusStore:
 
     async def add_progress(self, world_id: str, increments: Mapping[str, int]) -> Document | None:
         """One task transition (or a parent's completion with its new children): `$inc` the counters and the
-        per-type counts in one update, then read back what the stages are derived from. Two point
-        operations by `_id`, O(1) (a find-and-modify would scan the collection on the embedded database,
-        see TaskStore.try_claim). The read may already hold a concurrent transition's increments too;
-        what the caller derives from it (stages forward, the final recount) is idempotent."""
-        update = {"$inc": dict(increments), "$set": {"updated_at": utcnow()}}
-        res = await self._col.update_one({"_id": world_id}, update)
-        if not res.matched_count:
-            return None
-        doc: Document | None = await self._col.find_one({"_id": world_id}, _PROGRESS_VIEW)
-        return doc
+        per-type counts, then read back what the stages are derived from: an update and a read by `_id`,
+        O(1), grouped with the world's other increments of this process (a find-and-modify would scan the
+        collection on the embedded database, see TaskStore.try_claim). The read may already hold concurrent
+        transitions' increments too; what the caller derives from it (stages forward, the final recount) is
+        idempotent."""
+        return await self._increments.update(world_id, increments, {"updated_at": utcnow()}, read=True)
 
     async def write_progress(
         self, world_id: str, counters: Mapping[str, int], current_stage: str, stages: Mapping[str, str],
@@ -245,14 +247,12 @@ class WorldStatusStore:
     async def settle(self, world_id: str, kind: CallKind, delta_usd: float, cost: float, *,
                      count: bool = True) -> None:
         """Replace a reservation by the real cost (`delta_usd` = real - reserved) and, with `count`, count
-        the call and its cost, in one update."""
+        the call and its cost, in one update (grouped with the world's other increments)."""
         made, total, _, _ = CALL_FIELDS[kind]
-        inc: Document = {"budget_committed_usd": delta_usd}
+        inc: dict[str, float] = {"budget_committed_usd": delta_usd}
         if count:
             inc.update({made: 1, total: cost})
-            await self._col.update_one({"_id": world_id}, {"$inc": inc, "$set": {"updated_at": utcnow()}})
-        else:
-            await self._col.update_one({"_id": world_id}, {"$inc": inc})
+        await self._increments.update(world_id, inc, {"updated_at": utcnow()} if count else None)
 
     async def set_call_totals(self, world_id: str, totals: Mapping[CallKind, tuple[int, float]], *,
                               live_only: bool = True) -> None:
