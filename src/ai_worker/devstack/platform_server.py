@@ -345,18 +345,19 @@ class LocalPlatform:
             ),
         ]
 
-    async def _insert_once(self, collection: str, doc: Doc) -> Doc:
+    async def _insert_once(self, collection: str, doc: Doc, *, looked_up: bool = False) -> Doc:
         """Inserts `doc`, or (local mode) returns the document already stored under its request_id after
-        counting the call on it."""
+        counting the call on it (`looked_up`: the caller already looked for it)."""
         col = self._col(collection)
         request_id = doc.get("request_id")
         doc["create_calls"] = 1
         if request_id is None or not self.honour_request_id:
             await col.insert_one(doc)
             return doc
-        existing = await self._count_repeat(col, request_id)
-        if existing is not None:
-            return existing
+        if not looked_up:
+            existing = await self._count_repeat(col, request_id)
+            if existing is not None:
+                return existing
         try:
             await col.insert_one(doc)
         except DuplicateKeyError:
@@ -648,7 +649,7 @@ class LocalPlatform:
         }
         if request_id is not None:
             doc["request_id"] = request_id
-        stored = await self._insert_once("posts", doc)
+        stored = await self._insert_once("posts", doc, looked_up=True)
         return post_pb2.CreatePostResponse(
             post_id=str(stored["_id"]), created_at=_iso(stored.get("created_at"))
         )

@@ -286,7 +286,9 @@ def _secantusd_argv() -> list[str]:
 
 
 class DatabaseProcess(_ManagedProcess):
-    """The SecantusDB daemon (MongoDB wire protocol), durable on disk with ``--sync-on-commit``.
+    """The SecantusDB daemon (MongoDB wire protocol), durable on disk with ``--sync-on-commit``, and
+    ``--standalone``: no replica-set advertisement, so no oplog entry per write (the worker uses neither
+    change streams nor transactions; measured ~8 % less database CPU per task in bench/throughput.py).
 
     Its data survives :meth:`restart` and :meth:`kill` (same storage path). SIGTERM takes ~2 s.
     """
@@ -315,6 +317,7 @@ class DatabaseProcess(_ManagedProcess):
             "--storage-path",
             str(self.storage_path),
             "--sync-on-commit",
+            "--standalone",
         ]
 
     def _cwd(self) -> Path:
