@@ -6,7 +6,7 @@ import asyncio
 import os
 import sys
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
@@ -26,7 +26,10 @@ from ai_worker.cli_support import (
     warn,
 )
 from ai_worker.cli_support import run as run_command
-from ai_worker.config import ConfigError, load_settings
+from ai_worker.config import ConfigError, Settings, load_settings
+
+if TYPE_CHECKING:
+    from ai_worker.providers.registry import ResolvedModel
 
 # Tracebacks (with --debug) never show local variables: they may hold passwords.
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="AI worker: prompt in, populated world out.",
@@ -45,7 +48,7 @@ def _options(debug: Annotated[bool, typer.Option("--debug", help="Show the trace
     GLOBAL.debug = debug
 
 
-def _settings_or_exit() -> Any:
+def _settings_or_exit() -> Settings:
     try:
         return load_settings()
     except ConfigError as exc:
@@ -380,7 +383,7 @@ models_app = typer.Typer(help="The model registry and per-model statistics.", no
 app.add_typer(models_app, name="models")
 
 
-def _image_price(m: Any, step: str) -> str:
+def _image_price(m: ResolvedModel, step: str) -> str:
     """An image model's price as `models list` shows it: per image, or per megapixel with the step's size."""
     if not m.price_per_mpx:
         return f"${m.price_per_image:g}/image"

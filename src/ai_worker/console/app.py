@@ -30,6 +30,7 @@ from aiohttp import web
 from pymongo import AsyncMongoClient
 from pymongo.errors import PyMongoError
 
+from ai_worker.config import Settings
 from ai_worker.console import actions, data
 from ai_worker.console.auth import Auth, same_origin
 from ai_worker.messaging.dlq import DeadLetter, read_dead_letters
@@ -81,7 +82,7 @@ class ConsoleConfig:
     kafka_timeout_s: float = 4.0  # the dead-letter page's bound on waiting for Kafka
 
     @classmethod
-    def from_settings(cls, settings: Any, *, kafka_configured: bool = True, database: str | None = None,
+    def from_settings(cls, settings: Settings, *, kafka_configured: bool = True, database: str | None = None,
                       host: str | None = None, port: int | None = None) -> ConsoleConfig:
         return cls(
             mongo_uri=settings.mongodb_uri, database=database or settings.mongodb_database,

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -58,7 +59,8 @@ def stop_process(proc: subprocess.Popen[bytes], timeout_s: float = 40.0) -> None
 
 
 async def wait_for_world(mongo_uri: str, world_id: str, timeout_s: float,
-                         on_update: Any = None, worker: subprocess.Popen[bytes] | None = None) -> dict[str, Any]:
+                         on_update: Callable[[dict[str, Any]], object] | None = None,
+                         worker: subprocess.Popen[bytes] | None = None) -> dict[str, Any]:
     """Poll world_generation_status until completed/failed (or timeout); returns the last document."""
     client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(mongo_uri, serverSelectionTimeoutMS=10000)
     try:

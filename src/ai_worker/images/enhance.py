@@ -8,7 +8,7 @@ logged, except when the budget refuses the call (the image would be refused as w
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING
 
 import structlog
 
@@ -16,13 +16,17 @@ from ai_worker.content.schemas import EnhancedImagePrompt
 from ai_worker.errors import BudgetExceeded, WorkerError
 from ai_worker.providers.history import CallContext
 
+if TYPE_CHECKING:
+    from ai_worker.content.prompts import PromptLibrary
+    from ai_worker.llm.client import LLMClient
+
 log = structlog.get_logger(__name__)
 
 STEP = "image_prompt"
 
 
 class PromptEnhancer:
-    def __init__(self, llm: Any, prompts: Any, *, enabled: bool) -> None:
+    def __init__(self, llm: LLMClient, prompts: PromptLibrary, *, enabled: bool) -> None:
         self._llm = llm
         self._prompts = prompts
         self.enabled = enabled
