@@ -224,7 +224,7 @@ async def _start(settings: Settings, stack: contextlib.AsyncExitStack, stop: asy
     consumer = TaskConsumer(
         bootstrap=bootstrap, topic=settings.kafka_topic_tasks, group_id=settings.kafka_group_id,
         handler=engine.handle, producer=producer, max_in_flight=task_slots, window=settings.window(task_slots),
-        classify=engine.work_class,
+        classify=engine.work_class, pool_caps={"llm": 2 * slots.llm, "image": 2 * slots.image},
         drain_timeout_s=settings.shutdown_grace_s, session_timeout_ms=settings.kafka_session_timeout_ms,
         heartbeat_interval_ms=settings.kafka_heartbeat_interval_ms, client_id=settings.worker_id,
         client_options=kafka_options,

@@ -7,6 +7,11 @@ the waiter chosen is the one whose world holds the fewest slots of that pool (a 
 run gets its share promptly), then the highest priority, then the longest waiting (FIFO). The running job's
 class travels to the provider calls it makes through a context variable, so the router needs no
 arguments from the job.
+
+A `WorkClass` also names the provider pool its task mostly waits for (the job's `pool`). The consumer caps
+the running tasks of each pool (twice the pool's slots): without the cap, high-priority LLM work (posts)
+took every task slot while its tasks queued for the 15 LLM slots, and the image slots idled for ~8 s of a
+45 s world (bench/results/makespan.md).
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ import contextlib
 import heapq
 import itertools
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Collection, Iterator
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
@@ -28,6 +33,7 @@ T = TypeVar("T")
 class WorkClass:
     world: str
     priority: int = 0
+    pool: str = ""  # the provider slots its task mostly waits for ("llm", "image"; "" none)
 
 
 UNCLASSIFIED = WorkClass(world="", priority=0)
@@ -126,42 +132,46 @@ class FairSlots:
 
 class FairQueue(Generic[T]):
     """Buffered work items, taken fair by world (the world with the fewest running items first), then by
-    priority, then in arrival order. O(worlds) per pop."""
+    priority, then in arrival order; items of a `full` pool only when nothing else is buffered (so that
+    tasks waiting for one provider's slots do not take every task slot while another provider idles).
+    O(worlds x pools) per pop."""
 
     def __init__(self) -> None:
-        self._by_world: dict[str, list[tuple[int, int, T]]] = {}
+        self._by_class: dict[tuple[str, str], list[tuple[int, int, T]]] = {}  # (world, pool) -> heap
         self._size = 0
 
     def __len__(self) -> int:
         return self._size
 
     def push(self, item: T, work: WorkClass) -> None:
-        heapq.heappush(self._by_world.setdefault(work.world, []), (-work.priority, next(_seq), item))
+        heapq.heappush(self._by_class.setdefault((work.world, work.pool), []), (-work.priority, next(_seq), item))
         self._size += 1
 
-    def pop(self, running: Counter[str]) -> tuple[T, WorkClass] | None:
-        """The next item to start, given how many items of each world are running now."""
+    def pop(self, running: Counter[str], full: Collection[str] = ()) -> tuple[T, WorkClass] | None:
+        """The next item to start, given how many items of each world are running now and which pools are
+        full."""
         if not self._size:
             return None
-        world = min(self._by_world, key=lambda w: (running[w], self._by_world[w][0][0], self._by_world[w][0][1]))
-        heap = self._by_world[world]
+        keys = [k for k in self._by_class if k[1] not in full] or list(self._by_class)
+        key = min(keys, key=lambda k: (running[k[0]], self._by_class[k][0][0], self._by_class[k][0][1]))
+        heap = self._by_class[key]
         neg_priority, _, item = heapq.heappop(heap)
         if not heap:
-            del self._by_world[world]
+            del self._by_class[key]
         self._size -= 1
-        return item, WorkClass(world=world, priority=-neg_priority)
+        return item, WorkClass(world=key[0], priority=-neg_priority, pool=key[1])
 
     def remove_if(self, predicate: Callable[[T], bool]) -> list[T]:
         """Drop (and return) the items for which `predicate` is true (e.g. of revoked partitions)."""
         removed: list[T] = []
-        for world in list(self._by_world):
-            keep = [entry for entry in self._by_world[world] if not predicate(entry[2])]
-            removed.extend(entry[2] for entry in self._by_world[world] if predicate(entry[2]))
+        for key in list(self._by_class):
+            keep = [entry for entry in self._by_class[key] if not predicate(entry[2])]
+            removed.extend(entry[2] for entry in self._by_class[key] if predicate(entry[2]))
             if keep:
                 heapq.heapify(keep)
-                self._by_world[world] = keep
+                self._by_class[key] = keep
             else:
-                del self._by_world[world]
+                del self._by_class[key]
         self._size -= len(removed)
         return removed
 

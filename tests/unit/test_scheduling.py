@@ -122,3 +122,60 @@ def test_queue_remove_if() -> None:
     while (item := q.pop(Counter())) is not None:
         out.append(item[0])
     assert sorted(out) == [1, 3, 5, 7, 9]
+
+
+def test_queue_serves_a_full_pool_only_when_nothing_else_is_buffered() -> None:
+    q: FairQueue[str] = FairQueue()
+    for i in range(3):
+        q.push(f"post{i}", WorkClass("w", 50, "llm"))
+    q.push("image0", WorkClass("w", 10, "image"))
+    q.push("image1", WorkClass("w", 10, "image"))
+    running: Counter[str] = Counter()
+    assert q.pop(running)[0] == "post0"  # type: ignore[index]  # no pool full: priority first
+    popped = q.pop(running, full={"llm"})
+    assert popped is not None and popped[0] == "image0" and popped[1] == WorkClass("w", 10, "image")
+    assert q.pop(running, full={"llm"})[0] == "image1"  # type: ignore[index]
+    # Only the full pool's items are left: they are served rather than leaving a task slot empty.
+    assert q.pop(running, full={"llm"})[0] == "post1"  # type: ignore[index]
+    assert q.pop(running, full={"llm", "image"})[0] == "post2"  # type: ignore[index]
+    assert q.pop(running) is None
+
+
+async def test_the_consumer_caps_the_running_tasks_of_each_provider_pool() -> None:
+    """Twelve high-priority LLM tasks and three image tasks buffered, six task slots, pool caps 3: the
+    image tasks start at once instead of after the LLM backlog (which idled the image slots)."""
+    from types import SimpleNamespace
+    from typing import Any, cast
+
+    from aiokafka import TopicPartition
+
+    from ai_worker.messaging.consumer import TaskConsumer, _Item
+    from ai_worker.messaging.events import TaskEvent
+
+    gate = asyncio.Event()
+    started: list[str] = []
+
+    async def handler(event: TaskEvent) -> None:
+        started.append(event.task_id)
+        await gate.wait()
+
+    consumer = TaskConsumer(bootstrap=["127.0.0.1:9"], topic="t", group_id="g", handler=handler,
+                            producer=cast(Any, None), max_in_flight=6, drain_timeout_s=1.0,
+                            pool_caps={"llm": 3, "image": 3})
+    tp = TopicPartition("t", 0)
+    items = [(f"post{i}", WorkClass("w", 50, "llm")) for i in range(12)]
+    items += [(f"image{i}", WorkClass("w", 10, "image")) for i in range(3)]
+    for offset, (task_id, work) in enumerate(items):
+        consumer._tracker.add(tp, offset)
+        event = TaskEvent(event_type="task_created", task_id=task_id)
+        consumer._queue.push(_Item(tp, SimpleNamespace(offset=offset, headers=[]), event), work)
+    consumer._fill()
+    await asyncio.sleep(0.05)
+    assert sorted(started) == ["image0", "image1", "image2", "post0", "post1", "post2"]
+    gate.set()
+    for _ in range(50):
+        await asyncio.sleep(0.01)
+        if len(started) == 15 and consumer.in_flight() == 0:
+            break
+    assert len(started) == 15 and consumer.in_flight() == 0
+    await consumer.stop()

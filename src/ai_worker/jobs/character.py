@@ -34,6 +34,7 @@ class GenerateCharacter(Job[CharacterParams]):
     stage = "characters"
     timeout_s = 120.0
     priority = 70
+    pool = "llm"
     produces = "users"
 
     @classmethod

@@ -27,6 +27,7 @@ class GenerateCharacterAvatar(Job[AvatarParams]):
     stage = "characters"
     timeout_s = 900.0
     priority = 10
+    pool = "image"
 
     @classmethod
     def predict(cls, plan: WorldPlan) -> Prediction:

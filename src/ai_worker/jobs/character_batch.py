@@ -35,6 +35,7 @@ class GenerateCharacterBatch(Job[CharacterBatchParams]):
     timeout_s = 600.0
     world_level = True
     priority = 80
+    pool = "llm"
 
     @classmethod
     def predict(cls, plan: WorldPlan) -> Prediction:

@@ -27,6 +27,7 @@ class GeneratePost(Job[PostParams]):
     stage = "posts"
     timeout_s = 600.0
     priority = 50
+    pool = "llm"
 
     @classmethod
     def predict(cls, plan: WorldPlan) -> Prediction:

@@ -35,6 +35,7 @@ class GeneratePostBatch(Job[PostBatchParams]):
     stage = "posts"
     timeout_s = 600.0
     priority = 60
+    pool = "llm"
 
     @classmethod
     def predict(cls, plan: WorldPlan) -> Prediction:

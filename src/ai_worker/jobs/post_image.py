@@ -30,6 +30,7 @@ class GeneratePostImage(Job[PostImageParams]):
     stage = "posts"
     timeout_s = 900.0
     priority = 10
+    pool = "image"
     produces = "posts"
 
     @classmethod

@@ -28,6 +28,7 @@ class GenerateWorldDescription(Job[DescriptionParams]):
     timeout_s = 600.0
     world_level = True
     priority = 90
+    pool = "llm"
 
     @classmethod
     def predict(cls, plan: WorldPlan) -> Prediction:

@@ -25,6 +25,7 @@ class GenerateWorldImage(Job[WorldImageParams]):
     max_attempts = 4
     timeout_s = 900.0
     priority = 10
+    pool = "image"
 
     @classmethod
     def predict(cls, plan: WorldPlan) -> Prediction:

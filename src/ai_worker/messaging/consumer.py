@@ -7,8 +7,9 @@ next, and per-partition offset tracking.
 - At most `max_running` events are handled at once. When a slot frees, the next event is chosen by the
   scheduling policy (`ai_worker.scheduling`): the world with the fewest running tasks first (a world
   started while others run gets its share promptly), then the job's priority (work that unlocks more work
-  first), then arrival order. The event's `world_id` and `task_type` are used as hints for this; the task
-  document stays the truth.
+  first), then arrival order; a task whose provider pool already has its cap of running tasks
+  (`pool_caps`) waits while tasks of other pools are buffered. The event's `world_id` and `task_type` are
+  used as hints for this; the task document stays the truth.
 - Commits only the lowest unfinished offset per partition (never a bare commit()): a buffered event is
   unfinished until it has been handled.
 - A message that cannot be parsed, has an unknown event type, or names a missing or malformed task is sent
@@ -83,6 +84,7 @@ class TaskConsumer:
         drain_timeout_s: float,
         window: int | None = None,
         classify: Classifier = _by_task,
+        pool_caps: Mapping[str, int] | None = None,
         session_timeout_ms: int = 10000,
         heartbeat_interval_ms: int = 3000,
         client_id: str = "ai-worker",
@@ -94,6 +96,8 @@ class TaskConsumer:
         self._max_running = max_in_flight
         self._window = max(window or 0, max_in_flight)
         self._classify = classify
+        self._pool_caps = dict(pool_caps or {})
+        self._running_by_pool: Counter[str] = Counter()
         self._drain_timeout_s = drain_timeout_s
         self._tracker = OffsetTracker()
         self._queue: FairQueue[_Item] = FairQueue()
@@ -198,7 +202,8 @@ class TaskConsumer:
 
     def _fill(self) -> None:
         while self._dispatching and self.in_flight() < self._max_running:
-            picked = self._queue.pop(self._running_by_world)
+            full = [pool for pool, cap in self._pool_caps.items() if self._running_by_pool[pool] >= cap]
+            picked = self._queue.pop(self._running_by_world, full)
             if picked is None:
                 return
             item, work = picked
@@ -208,10 +213,12 @@ class TaskConsumer:
         task = asyncio.create_task(self._process(item))
         self._running.setdefault(item.tp, set()).add(task)
         self._running_by_world[work.world] += 1
+        self._running_by_pool[work.pool] += 1
 
         def done(t: asyncio.Task[None]) -> None:
             self._running.get(item.tp, set()).discard(t)
             self._running_by_world[work.world] -= 1
+            self._running_by_pool[work.pool] -= 1
             if self._running_by_world[work.world] <= 0:
                 del self._running_by_world[work.world]
             self._tracker.done(item.tp, item.msg.offset)

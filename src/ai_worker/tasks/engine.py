@@ -73,11 +73,13 @@ class Engine:
 
     # --- entry point from the consumer ------------------------------------------------------------
     def work_class(self, event: TaskEvent) -> WorkClass:
-        """How the scheduler sees an event before its task is read: its world and its job's priority
-        (from the event's hints; the task document stays the truth)."""
+        """How the scheduler sees an event before its task is read: its world, its job's priority and
+        provider pool (from the event's hints; the task document stays the truth)."""
         task_type = event.task_type or ""
-        priority = self.registry.policy(task_type).priority if self.registry.knows(task_type) else 0
-        return WorkClass(world=event.world_id or event.task_id, priority=priority)
+        if not self.registry.knows(task_type):
+            return WorkClass(world=event.world_id or event.task_id)
+        policy = self.registry.policy(task_type)
+        return WorkClass(world=event.world_id or event.task_id, priority=policy.priority, pool=policy.pool)
 
     async def handle(self, event: TaskEvent) -> None:
         """Process one event. Raises BadMessage for events that belong in the dead-letter topic."""

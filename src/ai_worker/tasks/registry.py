@@ -8,6 +8,8 @@ Policy a job declares (defaults in brackets):
 - `stage`: which of the world's stages (world_generation_status `stages`) its tasks belong to;
 - `world_level` [False]: a permanent failure fails the whole world;
 - `priority` [0]: when provider or task slots are contended, higher runs first (work that unlocks more work);
+- `pool` [""]: the provider slots its tasks mostly wait for ("llm" or "image"); a worker runs at most twice
+  that pool's slots of such tasks at once, so they never hold every task slot while the other pool idles;
 - `produces` [None]: "users" or "posts" when one completed task is one character / post made;
 - `opens_world` [False]: the job that starts a world; it declares the world's shape with `world_opening`;
 - `predict(plan)`: how many tasks of this type a world of that shape has, and their LLM calls and images.
@@ -33,6 +35,7 @@ P = TypeVar("P", bound=BaseModel)
 C = TypeVar("C", bound="TaskContext")
 
 Produces = Literal["users", "posts"]
+Pool = Literal["", "llm", "image"]
 JOB_STAGES = STAGES[:-1]  # "finishing" is the world's own end, no task belongs to it
 
 
@@ -46,6 +49,7 @@ class Job(ABC, Generic[P, C]):
     timeout_s: ClassVar[float] = 300.0
     world_level: ClassVar[bool] = False
     priority: ClassVar[int] = 0
+    pool: ClassVar[Pool] = ""
     produces: ClassVar[Produces | None] = None
     opens_world: ClassVar[bool] = False
 
@@ -73,6 +77,7 @@ class JobPolicy:
     timeout_s: float
     world_level: bool
     priority: int
+    pool: Pool
     produces: Produces | None
     opens_world: bool
 
@@ -98,7 +103,7 @@ class JobRegistry:
         self._policies[task_type] = JobPolicy(
             task_type=task_type, stage=stage, max_attempts=max(1, self._max_attempts.get(task_type, job.max_attempts)),
             timeout_s=float(self._timeouts.get(task_type, job.timeout_s)), world_level=job.world_level,
-            priority=job.priority, produces=job.produces, opens_world=job.opens_world)
+            priority=job.priority, pool=job.pool, produces=job.produces, opens_world=job.opens_world)
         return job
 
     def check_overrides(self) -> None:
