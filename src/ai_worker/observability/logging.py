@@ -21,6 +21,18 @@ def _redact(_: Any, __: str, event_dict: MutableMapping[str, Any]) -> MutableMap
     return event_dict
 
 
+class _RebalanceIsNotAnError(logging.Filter):
+    """aiokafka logs a commit refused because the group is rebalancing ("... IllegalGenerationError ...,
+    will rejoin") at ERROR. It needs no action: the consumer rejoins, our own line says the commit will be
+    retried, and what was not committed is redelivered and claimed idempotently. Logged as a WARNING, so an
+    alert on error lines does not fire for every rebalance (seen in chaos scenario C6)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.ERROR and "will rejoin" in record.getMessage():
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+        return True
+
+
 def configure_logging(level: str = "INFO", *, json: bool = True, stream: Any = None) -> None:
     """Our structlog lines and the libraries' stdlib logging records (aiokafka, pymongo, ...) go to `stream` in
     the same format: with `json`, every line of the output is one JSON object (a library's traceback included,
@@ -44,6 +56,9 @@ def configure_logging(level: str = "INFO", *, json: bool = True, stream: Any = N
     logging.basicConfig(level=lvl, handlers=[handler], force=True)
     for noisy in ("aiokafka", "kafka", "pymongo", "httpx", "httpcore", "grpc"):
         logging.getLogger(noisy).setLevel(max(lvl, logging.WARNING))
+    coordinator = logging.getLogger("aiokafka.consumer.group_coordinator")
+    if not any(isinstance(f, _RebalanceIsNotAnError) for f in coordinator.filters):
+        coordinator.addFilter(_RebalanceIsNotAnError())
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
