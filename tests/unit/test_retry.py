@@ -9,11 +9,12 @@ import httpx
 import pytest
 from pydantic import BaseModel, ValidationError
 from pymongo import errors as pymongo_errors
+from pymongo.errors import AutoReconnect
 
 from ai_worker import errors
 from ai_worker.jobs import build_registry
 from ai_worker.messaging.events import TaskType
-from ai_worker.tasks.retry import RetryPolicy, classify
+from ai_worker.tasks.retry import RetryPolicy, classify, spends_attempt
 
 RETRYABLE: dict[type[errors.WorkerError], str] = {
     errors.RetryableError: "retryable",
@@ -203,3 +204,40 @@ def test_rate_limited_retry_after_raises_the_delay_capped() -> None:
 def test_rate_limited_at_last_attempt_does_not_retry() -> None:
     d = RetryPolicy().decide(errors.RateLimited("429", retry_after_s=5.0), 2, 2)
     assert d.retry is False
+
+
+class _Refused(Exception):
+    """Not a WorkerError, but says it spent no attempt (as any exception may)."""
+
+    spends_attempt = False
+
+
+def test_which_failures_spend_an_attempt() -> None:
+    assert spends_attempt(AutoReconnect("connection closed")) is False  # the database dropped the connection
+    assert spends_attempt(errors.ProviderUnavailable("every breaker open", spends_attempt=False)) is False
+    assert spends_attempt(_Refused()) is False
+    assert spends_attempt(errors.ProviderUnavailable("HTTP 503")) is True
+    assert spends_attempt(RuntimeError("boom")) is True  # no attribute: it spends one
+
+
+def test_a_failure_that_spent_no_attempt_is_retried_at_the_limit_a_bounded_number_of_times() -> None:
+    policy = RetryPolicy(base_delay_s=1.0, max_delay_s=8.0, rng=random.Random(1), max_free_retries=2)
+    refused = errors.ProviderUnavailable("every breaker open", spends_attempt=False)
+    below = policy.decide(refused, attempt=1, max_attempts=3)
+    assert below.retry and below.spends_attempt is False
+    at_limit = policy.decide(refused, attempt=3, max_attempts=3, free_retries=1)
+    assert at_limit.retry and at_limit.spends_attempt is False and at_limit.error_type == "provider_unavailable"
+    assert not policy.decide(refused, attempt=3, max_attempts=3, free_retries=2).retry  # the cap
+    assert not policy.decide(AutoReconnect("gone"), attempt=2, max_attempts=2, free_retries=2).retry
+    # Ordinary retryable failures spend their attempt and stop at the limit.
+    spent = policy.decide(errors.ProviderUnavailable("HTTP 503"), attempt=1, max_attempts=3, free_retries=0)
+    assert spent.retry and spent.spends_attempt is True
+    assert not policy.decide(errors.ProviderUnavailable("HTTP 503"), attempt=3, max_attempts=3).retry
+    # A permanent failure is never retried, whether or not it says it spent an attempt.
+    assert not policy.decide(errors.InvalidParameters("bad", spends_attempt=False), attempt=1, max_attempts=3).retry
+
+
+def test_free_retries_default_to_none_used_so_far() -> None:
+    policy = RetryPolicy(rng=random.Random(2), max_free_retries=1)
+    decision = policy.decide(AutoReconnect("gone"), attempt=2, max_attempts=2)
+    assert decision.retry and decision.spends_attempt is False
