@@ -245,3 +245,74 @@ async def test_two_workers_creating_the_days_ledger_at_once() -> None:
         "_id": "daily:" + datetime.now(UTC).strftime("%Y-%m-%d"), "committed_usd": 0.25}
     await MongoBudget(db, daily_cap_usd=1.0).reserve(NO_WORLD, "llm", 0.5)
     assert daily(db)["committed_usd"] == 0.75
+
+
+def _refusals(kind: str) -> float:
+    from prometheus_client import REGISTRY
+
+    return REGISTRY.get_sample_value("ai_worker_budget_refusals_total", {"kind": kind}) or 0.0
+
+
+async def test_a_raised_cap_is_read_again_after_a_refusal_and_applies_in_full() -> None:
+    db = world_db(cap=1.0, llm_limit=3)
+    budget = MongoBudget(db, daily_cap_usd=0)
+    await budget.reserve(CALL, "llm", 1.0)  # the caps are cached now
+    with pytest.raises(BudgetExceeded, match="world budget"):
+        await budget.reserve(CALL, "llm", 0.5)
+    world(db)["budget_usd"] = 1.2  # an operator raised it, not enough for this call
+    with pytest.raises(BudgetExceeded, match="world budget of \\$1.2000"):
+        await budget.reserve(CALL, "llm", 0.5)
+    world(db)["budget_usd"] = 2.0
+    image = await budget.reserve(CALL, "image", 0.5)  # read again: granted, under the new cap
+    assert image.kind == "image" and image.world_id == WORLD and image.amount == 0.5
+    assert world(db)["budget_committed_usd"] == 1.5 and world(db)["api_calls_reserved_images"] == 1
+    # Raising the money cap does not lift a call limit that is reached.
+    await budget.reserve(CALL, "llm", 0.1)
+    await budget.reserve(CALL, "llm", 0.1)
+    world(db)["budget_usd"] = 5.0
+    with pytest.raises(BudgetExceeded, match="world call limit reached: 3 llm calls"):
+        await budget.reserve(CALL, "llm", 0.1)
+    assert world(db)["api_calls_reserved_LLM"] == 3
+
+
+async def test_a_world_gone_after_its_caps_were_cached_pays_for_nothing() -> None:
+    db = world_db(cap=0.5)
+    budget = MongoBudget(db, daily_cap_usd=0)
+    await budget.reserve(CALL, "llm", 0.5)
+    del db["world_generation_status"].docs[WORLD]
+    with pytest.raises(BudgetExceeded, match="is None: no more paid calls"):
+        await budget.reserve(CALL, "llm", 0.5)
+
+
+async def test_each_refusal_is_counted_under_its_kind() -> None:
+    budget = MongoBudget(world_db(cap=0.5, llm_limit=1), daily_cap_usd=1.0)
+    before = {k: _refusals(k) for k in ("daily", "world_money", "world_calls", "world_not_live")}
+    with pytest.raises(BudgetExceeded):
+        await budget.reserve(CALL, "llm", 0.75)  # the world's money
+    await budget.reserve(CALL, "llm", 0.25)
+    with pytest.raises(BudgetExceeded):
+        await budget.reserve(CALL, "llm", 0.1)  # the world's LLM calls
+    with pytest.raises(BudgetExceeded):
+        await budget.reserve(NO_WORLD, "llm", 0.9)  # the day's money (0.25 + 0.9 > 1.0)
+    with pytest.raises(BudgetExceeded):
+        await MongoBudget(world_db(status="completed"), daily_cap_usd=0).reserve(CALL, "llm", 0.1)
+    after = {k: _refusals(k) - v for k, v in before.items()}
+    assert after == {"daily": 1, "world_money": 1, "world_calls": 1, "world_not_live": 1}
+
+
+async def test_an_uncounted_settle_still_refunds_the_difference() -> None:
+    db = world_db()
+    budget = MongoBudget(db, daily_cap_usd=0)
+    reservation = await budget.reserve(CALL, "image", 0.5)
+    await budget.settle(reservation, 0.0, counted=False)  # refused before reaching the provider
+    assert world(db)["budget_committed_usd"] == 0.0
+    assert world(db).get("api_calls_made_images", 0) == 0 and world(db).get("image_cost_total", 0) == 0
+
+
+async def test_a_cap_raised_while_cached_is_read_again_within_the_same_call() -> None:
+    db = world_db(cap=1.0)
+    budget = MongoBudget(db, daily_cap_usd=0)
+    await budget.reserve(CALL, "llm", 0.6)  # granted: the $1.00 cap is cached
+    world(db)["budget_usd"] = 2.0
+    await budget.reserve(CALL, "llm", 0.6)  # refused under the cached cap, granted under the one read again
+    assert world(db)["budget_committed_usd"] == 1.2
