@@ -32,7 +32,7 @@ pytestmark = [pytest.mark.realmodel, pytest.mark.timeout(5400)]
 REPO = Path(__file__).resolve().parents[2]
 PROMPT = "A drowned city of lantern-lit canals"
 WORLD_TIMEOUT_S = 3600  # a shared 2-core machine under load can make a 135M model crawl
-MIN_VALID_FIRST_TIME = 0.8
+MIN_VALID_WITHOUT_REPAIR = 0.8
 
 # The registry a user would write for a small local model (README, "Running with a local model").
 REGISTRY = """
@@ -208,7 +208,7 @@ async def run_world(wenv: WorkerEnv, server: LocalServer, *, extra_env: dict[str
 
 
 def check_world(result: dict[str, Any], *, rejections_allowed: int = 0,
-                min_valid_first: float | None = MIN_VALID_FIRST_TIME) -> None:
+                min_valid: float | None = MIN_VALID_WITHOUT_REPAIR) -> None:
     status, summary, llm = result["status"], result["summary"], result["llm"]
     assert status["status"] == "completed", (status, result["failed_tasks"])
     assert status["users_created"] == 2 and status["posts_created"] == 2, status
@@ -223,8 +223,11 @@ def check_world(result: dict[str, Any], *, rejections_allowed: int = 0,
     rejected = [h for h in llm if (h.get("status_code") or 0) >= 400]
     assert len(rejected) <= rejections_allowed, [(h["status_code"], h["error"]) for h in rejected]
     assert all(h["error_type"] == "structured_output_unsupported" for h in rejected), rejected
-    if min_valid_first is not None:
-        assert summary["valid_first"] / summary["calls"] >= min_valid_first, summary
+    if min_valid is not None:
+        # Issue #14: ">= 80 % of calls valid without the repair request". A reply cut at the token limit and
+        # asked again with twice the tokens (`finish_reason: length` handling) made no repair request.
+        valid = summary["valid_first"] + summary["valid_after_longer"]
+        assert valid / summary["calls"] >= min_valid, summary
 
 
 async def test_llama_cpp_python_server(wenv: WorkerEnv, llama_cpp_python_server: LocalServer, tmp_path: Path) -> None:
@@ -256,7 +259,7 @@ async def test_llama_cpp_python_server_auto_mode(wenv: WorkerEnv, llama_cpp_pyth
     # One rejection: the first request (world_description runs alone); a breaker at threshold 1 would have
     # opened on it if it counted. The 80 % bar is the registry runs' (sized for this model): with the
     # built-in step sizes SmolLM2's rambles run to 1000-2000 tokens (4 of 6 valid first time when measured).
-    check_world(result, rejections_allowed=1, min_valid_first=None)
+    check_world(result, rejections_allowed=1, min_valid=None)
     rejected = [h for h in result["llm"] if (h.get("status_code") or 0) >= 400]
     assert len(rejected) == 1 and rejected[0]["request_data"]["structured_output"] == "json_schema"
     assert {h["request_data"]["structured_output"] for h in result["llm"] if h["status_code"] == 200} == {
