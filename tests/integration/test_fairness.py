@@ -43,9 +43,10 @@ async def test_a_small_world_started_behind_a_big_one_gets_its_share(tmp_path: P
         print(f"small world alone {alone_s:.1f}s, behind the big one {small_s:.1f}s; the big world was "
               f"{big_doc['status']} at {big_done:.0%} of its tasks")
         assert big_doc["status"] == "in_progress", "the big world finished first: the scenario proved nothing"
-        # Served in turn (FIFO) the small world would wait for most of the big world's backlog; served fairly
-        # it finishes while most of the big world is still to do, and not much slower than alone. (The
-        # second bound is generous: this runs on a shared 2-core machine; bench/makespan.py measures it.)
-        assert big_done < 0.6, big_done
+        # Served in turn (FIFO) the small world waits for the big world's backlog; served fairly it finishes
+        # while much of the big world is still to do, and not much slower than alone. Measured on a quiet
+        # 2-core machine: fair 3.4 s (1.6x alone) with the big world at 60-64 %; FIFO (the queue's fairness
+        # key removed) 9.7 s (4.6x) at 90 %. The bounds sit between the two; bench/makespan.py measures it.
+        assert big_done < 0.8, big_done
         assert small_s <= 3 * alone_s, (alone_s, small_s)
         assert await c.wait_world(big, 240, ("w1",)) == "completed"
