@@ -65,6 +65,8 @@ def reproduce(args: argparse.Namespace) -> str:
         argv.append("--keep-rate-limits")
     for name, value in sorted(args.env.items()):
         argv += ["--set", f"{name}={value}"]
+    if args.worker_src:
+        argv += ["--worker-src", args.worker_src]
     return shlex.join(argv)
 
 
@@ -76,6 +78,8 @@ def worker_extra(args: argparse.Namespace) -> dict[str, str]:
     if args.task_slots:
         extra["MAX_CONCURRENT_TASKS"] = str(args.task_slots)
     extra.update(args.env)
+    if args.worker_src:  # the workers run another checkout's code (a baseline); the stack is this one's
+        extra["PYTHONPATH"] = str(Path(args.worker_src).resolve() / "src")
     return extra
 
 
@@ -160,8 +164,9 @@ async def run_once(args: argparse.Namespace) -> dict[str, Any]:
         "problems": problems,
         "characters": facts.characters, "posts_created": facts.posts, "tasks": facts.tasks_in_collection,
         "procs": watch.grouped(), "window_s": watch.wall_s(), "machine_busy_cores": watch.machine_busy_cores(),
-        "load_before": load_before, "load_after": c.loadavg(), "date": c.today(), "commit": c.git_commit(),
-        "cores": c.cores(), "command": reproduce(args), "world_id": m["world_id"],
+        "load_before": load_before, "load_after": c.loadavg(), "date": c.today(),
+        "commit": c.git_commit(args.worker_src), "cores": c.cores(), "command": reproduce(args),
+        "world_id": m["world_id"],
     }
 
 
@@ -253,8 +258,8 @@ async def run_fairness(args: argparse.Namespace) -> dict[str, Any]:
     return {**info, "small": f"{args.users}/{args.posts}", "big": f"{big_users}/{big_posts}",
             "delay_s": args.fairness_delay, "workers": args.workers, "alone_s": a, "with_big_s": b,
             "ratio": b / a if a else float("nan"), "big_progress": c.progress_text(big_doc), "problems": problems,
-            "load_before": load_before, "load_after": c.loadavg(), "date": c.today(), "commit": c.git_commit(),
-            "cores": c.cores(), "command": reproduce(args)}
+            "load_before": load_before, "load_after": c.loadavg(), "date": c.today(),
+            "commit": c.git_commit(args.worker_src), "cores": c.cores(), "command": reproduce(args)}
 
 
 def fairness_report(r: dict[str, Any]) -> str:
@@ -330,6 +335,9 @@ def parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--timeout", type=float, default=900, help="per world, seconds (default 900)")
     parser.add_argument("--set", dest="env", action="append", default=[], metavar="VAR=VALUE",
                         help="extra worker environment")
+    parser.add_argument("--worker-src", metavar="CHECKOUT",
+                        help="run the workers from another checkout's src/ (e.g. a baseline worktree), to compare "
+                             "side by side on the same stack code")
     parser.add_argument("--prompt", default=c.DEFAULT_PROMPT)
     parser.add_argument("--out", help="append one markdown row per run to this file (bench/results/makespan.md)")
     parser.add_argument("--json", help="write every figure of every run to this file")

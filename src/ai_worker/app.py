@@ -33,7 +33,8 @@ from ai_worker.jobs import build_registry
 from ai_worker.jobs.context import JobContext, Services
 from ai_worker.llm.client import LLMClient
 from ai_worker.messaging.admin import ensure_topics
-from ai_worker.messaging.consumer import TaskConsumer
+from ai_worker.messaging.consumer import IdleWork, TaskConsumer
+from ai_worker.messaging.events import TaskEvent
 from ai_worker.messaging.producer import EventProducer
 from ai_worker.messaging.security import describe
 from ai_worker.observability import dbstats, metrics, tracing
@@ -225,6 +226,8 @@ async def _start(settings: Settings, stack: contextlib.AsyncExitStack, stop: asy
         bootstrap=bootstrap, topic=settings.kafka_topic_tasks, group_id=settings.kafka_group_id,
         handler=engine.handle, producer=producer, max_in_flight=task_slots, window=settings.window(task_slots),
         classify=engine.work_class, pool_caps={"llm": 2 * slots.llm, "image": 2 * slots.image},
+        find_idle_work=_idle_work(engine, settings.idle_work_after_s),
+        idle_slots={"llm": slots.llm, "image": slots.image},
         drain_timeout_s=settings.shutdown_grace_s, session_timeout_ms=settings.kafka_session_timeout_ms,
         heartbeat_interval_ms=settings.kafka_heartbeat_interval_ms, client_id=settings.worker_id,
         client_options=kafka_options,
@@ -256,6 +259,17 @@ async def _start(settings: Settings, stack: contextlib.AsyncExitStack, stop: asy
     reporter.start()
     stack.callback(stop.set)  # whatever ends the run, the reconciler and the timers stop first
     return consumer
+
+
+def _idle_work(engine: Engine, after_s: float) -> IdleWork | None:
+    """Idle work for the consumer: tasks pending for `after_s` (IDLE_WORK_AFTER_S; 0 turns it off)."""
+    if after_s <= 0:
+        return None
+
+    async def find(pool: str, limit: int) -> list[TaskEvent]:
+        return await engine.idle_work(pool, limit, after_s)
+
+    return find
 
 
 def _ignore_late_sigterm(loop: asyncio.AbstractEventLoop) -> None:

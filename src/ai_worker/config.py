@@ -122,6 +122,7 @@ class Settings(BaseSettings):
     task_max_attempts: dict[str, int] = Field(default_factory=dict, alias="TASK_MAX_ATTEMPTS")
     task_timeouts_s: dict[str, float] = Field(default_factory=dict, alias="TASK_TIMEOUTS_S")
     reconcile_interval_s: float = Field(10.0, alias="RECONCILE_INTERVAL_S", gt=0)
+    idle_work_after_s: float = Field(0.5, alias="IDLE_WORK_AFTER_S", ge=0)
     startup_timeout_s: float = Field(30.0, alias="STARTUP_TIMEOUT_S", gt=0)
     cli_timeout_s: float = Field(5.0, alias="CLI_TIMEOUT_S", gt=0)
 

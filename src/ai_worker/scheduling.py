@@ -132,8 +132,9 @@ class FairSlots:
 
 class FairQueue(Generic[T]):
     """Buffered work items, taken fair by world (the world with the fewest running items first), then by
-    priority, then in arrival order; items of a `full` pool only when nothing else is buffered (so that
-    tasks waiting for one provider's slots do not take every task slot while another provider idles).
+    priority, then in arrival order; never items of a `full` pool (so that tasks waiting for one provider's
+    slots do not take every task slot while another provider idles, and stay pending where a worker whose
+    slots of that pool idle can take them).
     O(worlds x pools) per pop."""
 
     def __init__(self) -> None:
@@ -142,6 +143,10 @@ class FairQueue(Generic[T]):
 
     def __len__(self) -> int:
         return self._size
+
+    def pools(self) -> set[str]:
+        """The pools of the buffered items."""
+        return {pool for _, pool in self._by_class}
 
     def push(self, item: T, work: WorkClass) -> None:
         heapq.heappush(self._by_class.setdefault((work.world, work.pool), []), (-work.priority, next(_seq), item))
@@ -152,7 +157,9 @@ class FairQueue(Generic[T]):
         full."""
         if not self._size:
             return None
-        keys = [k for k in self._by_class if k[1] not in full] or list(self._by_class)
+        keys = [k for k in self._by_class if k[1] not in full]
+        if not keys:
+            return None
         key = min(keys, key=lambda k: (running[k[0]], self._by_class[k][0][0], self._by_class[k][0][1]))
         heap = self._by_class[key]
         neg_priority, _, item = heapq.heappop(heap)

@@ -260,7 +260,7 @@ async def test_a_raised_cap_is_read_again_after_a_refusal_and_applies_in_full() 
     with pytest.raises(BudgetExceeded, match="world budget"):
         await budget.reserve(CALL, "llm", 0.5)
     world(db)["budget_usd"] = 1.2  # an operator raised it, not enough for this call
-    with pytest.raises(BudgetExceeded, match="world budget of \\$1.2000"):
+    with pytest.raises(BudgetExceeded, match=r"world budget of \$1\.2000"):
         await budget.reserve(CALL, "llm", 0.5)
     world(db)["budget_usd"] = 2.0
     image = await budget.reserve(CALL, "image", 0.5)  # read again: granted, under the new cap

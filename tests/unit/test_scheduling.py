@@ -124,7 +124,7 @@ def test_queue_remove_if() -> None:
     assert sorted(out) == [1, 3, 5, 7, 9]
 
 
-def test_queue_serves_a_full_pool_only_when_nothing_else_is_buffered() -> None:
+def test_queue_never_serves_a_full_pool() -> None:
     q: FairQueue[str] = FairQueue()
     for i in range(3):
         q.push(f"post{i}", WorkClass("w", 50, "llm"))
@@ -135,10 +135,13 @@ def test_queue_serves_a_full_pool_only_when_nothing_else_is_buffered() -> None:
     popped = q.pop(running, full={"llm"})
     assert popped is not None and popped[0] == "image0" and popped[1] == WorkClass("w", 10, "image")
     assert q.pop(running, full={"llm"})[0] == "image1"  # type: ignore[index]
-    # Only the full pool's items are left: they are served rather than leaving a task slot empty.
-    assert q.pop(running, full={"llm"})[0] == "post1"  # type: ignore[index]
-    assert q.pop(running, full={"llm", "image"})[0] == "post2"  # type: ignore[index]
-    assert q.pop(running) is None
+    # Only the full pool's items are left: they stay buffered (their tasks stay pending in the database,
+    # where a worker whose slots of that pool idle can take them) until the pool has room.
+    assert q.pop(running, full={"llm"}) is None and len(q) == 2
+    assert q.pop(running, full={"llm", "image"}) is None
+    assert q.pop(running)[0] == "post1"  # type: ignore[index]
+    assert q.pools() == {"llm"}
+    assert q.pop(running)[0] == "post2" and q.pop(running) is None and q.pools() == set()  # type: ignore[index]
 
 
 async def test_the_consumer_caps_the_running_tasks_of_each_provider_pool() -> None:
@@ -178,4 +181,81 @@ async def test_the_consumer_caps_the_running_tasks_of_each_provider_pool() -> No
         if len(started) == 15 and consumer.in_flight() == 0:
             break
     assert len(started) == 15 and consumer.in_flight() == 0
+    await consumer.stop()
+
+
+class _RecordingProducer:
+    def __init__(self) -> None:
+        self.dead_letters: list[str] = []
+
+    async def send_dead_letter(self, **kwargs: object) -> None:
+        self.dead_letters.append(str(kwargs.get("reason")))
+
+
+async def test_idle_slots_take_work_that_waits_elsewhere_and_back_off_when_there_is_none() -> None:
+    """A pool with idle slots and nothing of it buffered asks for tasks waiting elsewhere and runs them through
+    the handler (at most its idle slots, and only while task slots are free); a look-up that finds nothing
+    backs off; a task taken that cannot run is not dead-lettered (its own message is, where it is read)."""
+    from types import SimpleNamespace
+    from typing import Any, cast
+
+    from aiokafka import TopicPartition
+
+    from ai_worker.messaging import consumer as consumer_module
+    from ai_worker.messaging.consumer import TaskConsumer, _Item
+    from ai_worker.messaging.events import BadMessage, TaskEvent
+
+    gate = asyncio.Event()
+    started: list[str] = []
+    looked: list[tuple[str, int]] = []
+    waiting_elsewhere = {"image": [f"img{i}" for i in range(5)] + ["gone"], "llm": [f"char{i}" for i in range(4)]}
+
+    async def handler(event: TaskEvent) -> None:
+        if event.task_id == "gone":
+            raise BadMessage("unknown task id gone: no such task document")
+        started.append(event.task_id)
+        await gate.wait()
+
+    async def find_idle_work(pool: str, limit: int) -> list[TaskEvent]:
+        looked.append((pool, limit))
+        ids, waiting_elsewhere[pool] = waiting_elsewhere[pool][:limit], waiting_elsewhere[pool][limit:]
+        return [TaskEvent(event_type="task_created", task_id=i, world_id="w", task_type=pool) for i in ids]
+
+    def classify(event: TaskEvent) -> WorkClass:
+        return WorkClass(event.world_id or "", 10, event.task_type or "")
+
+    producer = _RecordingProducer()
+    consumer = TaskConsumer(bootstrap=["127.0.0.1:9"], topic="t", group_id="g", handler=handler,
+                            producer=cast(Any, producer), max_in_flight=8, drain_timeout_s=1.0,
+                            classify=classify, pool_caps={"llm": 4, "image": 6}, find_idle_work=find_idle_work,
+                            idle_slots={"llm": 2, "image": 3})
+    tp = TopicPartition("t", 0)
+    for offset in range(4):  # LLM work: over the llm pool's idle slots, so it is not looked up
+        consumer._tracker.add(tp, offset)
+        event = TaskEvent(event_type="task_created", task_id=f"post{offset}", world_id="w", task_type="llm")
+        consumer._queue.push(_Item(tp, SimpleNamespace(offset=offset, headers=[]), event), classify(event))
+    consumer._fill()
+    await asyncio.sleep(0.02)
+    assert sorted(started) == ["post0", "post1", "post2", "post3"]  # four LLM tasks running (cap 4)
+    consumer._look_for_idle_work()
+    await asyncio.sleep(0.05)
+    assert looked == [("image", 3)]  # three idle image slots
+    assert sorted(started[4:]) == ["img0", "img1", "img2"] and consumer.in_flight() == 7
+    consumer._look_for_idle_work()  # the image slots are busy, the llm pool is over its slots: no look-up
+    await asyncio.sleep(0.05)
+    assert looked == [("image", 3)] and consumer.taken_idle == 3
+
+    gate.set()
+    await asyncio.sleep(0.05)
+    assert consumer.in_flight() == 0 and consumer.processed == 7
+    for _ in range(8):  # the rest is taken as the look-ups come due; then they find nothing and back off
+        consumer._look_for_idle_work()
+        await asyncio.sleep(0.3)
+    assert waiting_elsewhere == {"image": [], "llm": []}
+    assert sorted(started) == sorted([f"post{i}" for i in range(4)] + [f"img{i}" for i in range(5)]
+                                     + [f"char{i}" for i in range(4)])
+    assert producer.dead_letters == [] and consumer.taken_idle == 10  # "gone" was taken, not run, not dead-lettered
+    assert looked[1] == ("llm", 2)  # pools in turn: the one that is due and idle
+    assert all(interval > consumer_module.IDLE_LOOK_MIN_S for _, interval in consumer._idle_next.values())
+    assert len(looked) <= 10, looked  # without the back-off: a look-up per pool every 0.3 s (16)
     await consumer.stop()

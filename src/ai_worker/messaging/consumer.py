@@ -8,8 +8,15 @@ next, and per-partition offset tracking.
   scheduling policy (`ai_worker.scheduling`): the world with the fewest running tasks first (a world
   started while others run gets its share promptly), then the job's priority (work that unlocks more work
   first), then arrival order; a task whose provider pool already has its cap of running tasks
-  (`pool_caps`) waits while tasks of other pools are buffered. The event's `world_id` and `task_type` are
+  (`pool_caps`) stays buffered until one of them ends (its task pending, where idle work can take it). The event's `world_id` and `task_type` are
   used as hints for this; the task document stays the truth.
+- Idle work (`find_idle_work`): when a provider pool runs fewer tasks than its slots (`idle_slots`) and
+  nothing of that pool is buffered here, the consumer asks for due tasks of that pool that have waited
+  pending for a while (their events sit in another worker's buffer, or are unread) and runs them through
+  the same handler; the task's claim decides who runs it, so the event that arrives later (here or at the
+  other worker) is skipped. With several worker processes the partitions split a world's tasks unevenly;
+  this keeps every process's provider slots busy while any has a backlog. The look-ups back off (0.25 s
+  doubling to 1 s) while they find nothing; a pool that was busy looks at once when it idles again.
 - Commits only the lowest unfinished offset per partition (never a bare commit()): a buffered event is
   unfinished until it has been handled.
 - A message that cannot be parsed, has an unknown event type, or names a missing or malformed task is sent
@@ -44,8 +51,11 @@ log = structlog.get_logger(__name__)
 Handler = Callable[[TaskEvent], Awaitable[None]]
 Classifier = Callable[[TaskEvent], WorkClass]
 Record = ConsumerRecord  # ConsumerRecord[bytes, bytes]
+IdleWork = Callable[[str, int], Awaitable[list[TaskEvent]]]
 COMMIT_INTERVAL_S = 0.5
 CANCEL_WAIT_S = 2.0
+IDLE_LOOK_MIN_S = 0.25
+IDLE_LOOK_MAX_S = 1.0
 
 
 def _by_task(event: TaskEvent) -> WorkClass:
@@ -85,6 +95,8 @@ class TaskConsumer:
         window: int | None = None,
         classify: Classifier = _by_task,
         pool_caps: Mapping[str, int] | None = None,
+        find_idle_work: IdleWork | None = None,
+        idle_slots: Mapping[str, int] | None = None,
         session_timeout_ms: int = 10000,
         heartbeat_interval_ms: int = 3000,
         client_id: str = "ai-worker",
@@ -98,6 +110,12 @@ class TaskConsumer:
         self._classify = classify
         self._pool_caps = dict(pool_caps or {})
         self._running_by_pool: Counter[str] = Counter()
+        self._find_idle_work = find_idle_work
+        self._idle_slots = dict(idle_slots or {})
+        self._idle_next: dict[str, tuple[float, float]] = {}  # pool -> (next look-up at, back-off interval)
+        self._looking: asyncio.Task[None] | None = None
+        self._taken: set[asyncio.Task[None]] = set()  # idle work running (no message of ours behind it)
+        self.taken_idle = 0
         self._drain_timeout_s = drain_timeout_s
         self._tracker = OffsetTracker()
         self._queue: FairQueue[_Item] = FairQueue()
@@ -135,8 +153,8 @@ class TaskConsumer:
         return set(self._consumer.assignment())
 
     def in_flight(self) -> int:
-        """Events handled right now."""
-        return sum(len(s) for s in self._running.values())
+        """Events handled right now (idle work included)."""
+        return sum(len(s) for s in self._running.values()) + len(self._taken)
 
     def buffered(self) -> int:
         """Events read and waiting for a slot."""
@@ -155,17 +173,20 @@ class TaskConsumer:
                     for msg in messages:
                         self._accept(tp, msg)
                 self._fill()
+                self._look_for_idle_work()
                 await self._commit(force=False)
                 await self._lag.refresh()
         finally:
             self._dispatching = False
+            if self._looking is not None:
+                self._looking.cancel()
             self._drop_buffered(None)
-            await self._drain(list(self._running), "shutdown")
+            await self._drain(list(self._running), "shutdown", also=list(self._taken))
             await self._cancel_unfinished()
 
     async def _cancel_unfinished(self) -> None:
         """Cancel the tasks the drain left behind and wait (briefly) until they have unwound."""
-        leftover = [t for tasks in self._running.values() for t in tasks if not t.done()]
+        leftover = [t for tasks in [*self._running.values(), self._taken] for t in tasks if not t.done()]
         if not leftover:
             return
         for task in leftover:
@@ -217,14 +238,83 @@ class TaskConsumer:
 
         def done(t: asyncio.Task[None]) -> None:
             self._running.get(item.tp, set()).discard(t)
-            self._running_by_world[work.world] -= 1
-            self._running_by_pool[work.pool] -= 1
-            if self._running_by_world[work.world] <= 0:
-                del self._running_by_world[work.world]
+            self._forget_running(work)
             self._tracker.done(item.tp, item.msg.offset)
             self._fill()
 
         task.add_done_callback(done)
+
+    # --- idle work ---------------------------------------------------------------------------------------------
+    def _idle_room(self, pool: str) -> int:
+        return min(self._idle_slots[pool] - self._running_by_pool[pool], self._max_running - self.in_flight())
+
+    def _look_for_idle_work(self) -> None:
+        """Start one look-up for a pool whose slots idle while nothing of it is buffered here (at most one
+        look-up at a time; each pool's look-ups back off while they find nothing)."""
+        if self._find_idle_work is None or self._looking is not None or not self._dispatching:
+            return
+        now = time.monotonic()
+        buffered = self._queue.pools()
+        for pool in self._idle_slots:
+            room = self._idle_room(pool)
+            if room <= 0:  # busy: the first look-up once it idles again goes out at once
+                self._idle_next.pop(pool, None)
+                continue
+            next_at, _ = self._idle_next.get(pool, (0.0, IDLE_LOOK_MIN_S))
+            if pool not in buffered and now >= next_at:
+                self._looking = asyncio.create_task(self._take_idle_work(pool, room))
+                return
+
+    async def _take_idle_work(self, pool: str, room: int) -> None:
+        assert self._find_idle_work is not None
+        try:
+            events = await self._find_idle_work(pool, room)
+        except Exception as exc:
+            log.warning("looking for idle work failed", pool=pool, error=str(exc), error_type=type(exc).__name__)
+            events = []
+        finally:
+            self._looking = None
+        log.debug("idle work look-up", pool=pool, room=room, found=len(events))
+        _, interval = self._idle_next.get(pool, (0.0, IDLE_LOOK_MIN_S))
+        interval = IDLE_LOOK_MIN_S if events else min(IDLE_LOOK_MAX_S, 2 * interval)
+        self._idle_next[pool] = (time.monotonic() + interval, interval)
+        for event in events[:max(0, self._idle_room(pool))]:
+            if not self._dispatching:
+                return
+            self._start_idle(event, self._classify(event))
+
+    def _start_idle(self, event: TaskEvent, work: WorkClass) -> None:
+        task = asyncio.create_task(self._process_idle(event))
+        self._taken.add(task)
+        self._running_by_world[work.world] += 1
+        self._running_by_pool[work.pool] += 1
+        self.taken_idle += 1
+
+        def done(t: asyncio.Task[None]) -> None:
+            self._taken.discard(t)
+            self._forget_running(work)
+            self._fill()
+
+        task.add_done_callback(done)
+
+    async def _process_idle(self, event: TaskEvent) -> None:
+        structlog.contextvars.bind_contextvars(idle_work=True)
+        try:
+            await self._handler(event)
+            self.processed += 1
+        except BadMessage as exc:  # its own message is dead-lettered where it is read
+            log.warning("idle work not run", task_id=event.task_id, reason=exc.reason)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.error("idle work failed; left to the reconciler", task_id=event.task_id, error=str(exc),
+                      error_type=type(exc).__name__)
+
+    def _forget_running(self, work: WorkClass) -> None:
+        self._running_by_world[work.world] -= 1
+        self._running_by_pool[work.pool] -= 1
+        if self._running_by_world[work.world] <= 0:
+            del self._running_by_world[work.world]
 
     def _drop_buffered(self, tps: Sequence[TopicPartition] | None) -> None:
         """Forget buffered events (of `tps`, or all). They stay unfinished in the offset tracker, so no commit
@@ -285,8 +375,8 @@ class TaskConsumer:
         except Exception as exc:
             log.warning("commit failed; will retry", error=str(exc), error_type=type(exc).__name__)
 
-    async def _drain(self, tps: list[TopicPartition], why: str) -> None:
-        pending = [t for tp in tps for t in self._running.get(tp, set())]
+    async def _drain(self, tps: list[TopicPartition], why: str, also: Sequence[asyncio.Task[None]] = ()) -> None:
+        pending = [t for tp in tps for t in self._running.get(tp, set())] + list(also)
         if pending:
             log.info("draining in-flight tasks", why=why, in_flight=len(pending),
                      timeout_s=self._drain_timeout_s)

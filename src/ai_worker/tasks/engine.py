@@ -81,6 +81,28 @@ class Engine:
         policy = self.registry.policy(task_type)
         return WorkClass(world=event.world_id or event.task_id, priority=policy.priority, pool=policy.pool)
 
+    async def idle_work(self, pool: str, limit: int, older_than_s: float) -> list[TaskEvent]:
+        """Events for up to `limit` tasks of provider pool `pool` that are due and have waited pending for
+        `older_than_s` (their own events sit in another worker's buffer, or are unread): what a worker whose
+        slots of that pool idle may take (see messaging.consumer). They go through `handle` like any event:
+        the claim decides, so a task taken here is skipped where its own event arrives, and the other way
+        round."""
+        types = [p.task_type for p in self.registry.policies() if p.pool == pool]
+        if not types or limit <= 0:
+            return []
+        now = utcnow()
+        docs = await self.store.idle_work(types, now, now - timedelta(seconds=older_than_s), limit)
+        events = []
+        for doc in docs:
+            world_id = doc.get("world_id")
+            try:
+                events.append(TaskEvent(event_type=EventType.TASK_CREATED, task_id=str(doc["_id"]),
+                                        task_type=str(doc.get("type")),
+                                        world_id=world_id if isinstance(world_id, str) else None))
+            except ValidationError:  # an id no event could carry: left to its own event and the reconciler
+                continue
+        return events
+
     async def handle(self, event: TaskEvent) -> None:
         """Process one event. Raises BadMessage for events that belong in the dead-letter topic."""
         if event.event_type == EventType.TASK_UPDATED:

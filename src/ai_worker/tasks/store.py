@@ -331,6 +331,23 @@ class TaskStore:
         # A `not_before` that is not a date is left to `malformed_live` (quarantined, not republished).
         return [d async for d in cursor if d.get("not_before") is None or _aware(d.get("not_before")) is not None]
 
+    async def idle_work(self, types: Many[str], now: datetime, older_than: datetime, limit: int) -> list[Document]:
+        """Up to `limit` pending, due tasks of `types` not touched since `older_than`, oldest first: work whose
+        event waits in another worker's buffer (or is still unread), for a worker whose slots of that kind
+        idle. Only `_id`, `type` and `world_id` are read. Served by the (status, updated_at) index."""
+        cursor = self._tasks.find(
+            {
+                "status": TaskStatus.PENDING.value,
+                "updated_at": {"$lt": older_than},
+                "type": {"$in": list(types)},
+                "not_before": {"$not": {"$gt": now}},
+            },
+            projection={"_id": 1, "type": 1, "world_id": 1},
+            sort=[("updated_at", ASCENDING)],
+            limit=limit,
+        )
+        return [d async for d in cursor]
+
     async def expired_leases(self, now: datetime, limit: int) -> list[Document]:
         # `updated_at < now` holds for every running task (the claim and each renewal set it): it is there
         # so the (status, updated_at) index serves the scan.
