@@ -101,11 +101,14 @@ class GroupIncrement:
     """`$inc` / `$set` updates of documents by `_id`, grouped per document. `update` returns the document
     as read after the round trip that carried the update (`projection` fields; only when some caller of
     that round trip asked for it, else an empty dict), or None when no such document exists. A failed
-    round trip raises in each of its callers."""
+    round trip raises in each of its callers. `guard`: more conditions on the document; an update of a
+    document that does not meet them is not applied and returns None, like a missing document."""
 
-    def __init__(self, collection: Collection, projection: Mapping[str, Any] | None = None) -> None:
+    def __init__(self, collection: Collection, projection: Mapping[str, Any] | None = None, *,
+                 guard: Mapping[str, Any] | None = None) -> None:
         self._collection = collection
         self._projection = dict(projection) if projection is not None else None
+        self._guard = dict(guard or {})
         self._next: dict[str, _Round] = {}
         self._drainers: dict[str, asyncio.Task[None]] = {}
 
@@ -164,7 +167,7 @@ class GroupIncrement:
         if current.sets:
             update["$set"] = current.sets
         if update:
-            res = await self._collection.update_one({"_id": doc_id}, update)
+            res = await self._collection.update_one({"_id": doc_id, **self._guard}, update)
             if not res.matched_count:
                 return None
         if not current.read:

@@ -8,8 +8,8 @@ next, and per-partition offset tracking.
   scheduling policy (`ai_worker.scheduling`): the world with the fewest running tasks first (a world
   started while others run gets its share promptly), then the job's priority (work that unlocks more work
   first), then arrival order; a task whose provider pool already has its cap of running tasks
-  (`pool_caps`) stays buffered until one of them ends (its task pending, where idle work can take it). The event's `world_id` and `task_type` are
-  used as hints for this; the task document stays the truth.
+  (`pool_caps`) stays buffered until one of them ends (its task pending, where idle work can take it).
+  The event's `world_id` and `task_type` are used as hints for this; the task document stays the truth.
 - Idle work (`find_idle_work`): when a provider pool runs fewer tasks than its slots (`idle_slots`) and
   nothing of that pool is buffered here, the consumer asks for due tasks of that pool that have waited
   pending for a while (their events sit in another worker's buffer, or are unread) and runs them through

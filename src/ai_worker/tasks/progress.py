@@ -198,7 +198,11 @@ class WorldProgress:
         }
         per_type = {t: {"total": c.total, "done": c.done, "failed": c.failed} for t, c in counts.items()
                     if self._registry.knows(t)}
-        await self.status.write_progress(world_id, counters, _current(stages), stages, per_type)
+        # Mid-world a recount only raises the counts ($max): a transition it counted may still add its own
+        # increment. Once every task is terminal the counts are exact and final: increments that were still
+        # on their way are not applied any more (WorldStatusStore.add_progress).
+        await self.status.write_progress(world_id, counters, _current(stages), stages, per_type,
+                                         final=all_terminal)
         if finished is None:
             return None
         ended = await self.status.finish(world_id, finished)

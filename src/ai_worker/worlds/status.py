@@ -49,6 +49,7 @@ CALL_FIELDS: Final[dict[CallKind, tuple[str, str, str, str]]] = {
 COUNTERS: Final[tuple[str, ...]] = ("tasks_total", "tasks_completed", "tasks_failed", "users_created",
                                     "posts_created")
 TASK_COUNTS: Final = "task_counts"
+COUNTS_FINAL: Final = "counts_final"  # ours: the final recount wrote the exact counts (WorldProgress.recount)
 # What a progress update reads back: enough to derive the stages and to know whether the world is live.
 _PROGRESS_VIEW: Final = {"status": 1, "stages": 1, "current_stage": 1, TASK_COUNTS: 1, "budget_exceeded": 1,
                          "failure_reason": 1, **{c: 1 for c in COUNTERS}}
@@ -96,7 +97,10 @@ class WorldStatusStore:
 
     def __init__(self, db: Database) -> None:
         self._col: Collection = db[COLLECTION]
-        self._increments = GroupIncrement(self._col, _PROGRESS_VIEW)
+        # Once the final recount wrote a world's exact counts (`counts_final`), increments no longer apply:
+        # a late one (a transition counted by that recount, whose own `$inc` was still on its way) would
+        # count it twice. An operator's retry (reopen) lifts the mark.
+        self._increments = GroupIncrement(self._col, _PROGRESS_VIEW, guard={COUNTS_FINAL: None})
 
     async def ensure_indexes(self) -> None:
         # The reconciler's scan of worlds that stopped moving, and the operator's list of recent worlds.
@@ -137,15 +141,19 @@ class WorldStatusStore:
         O(1), grouped with the world's other increments of this process (a find-and-modify would scan the
         collection on the embedded database, see TaskStore.try_claim). The read may already hold concurrent
         transitions' increments too; what the caller derives from it (stages forward, the final recount) is
-        idempotent."""
+        idempotent. Returns None, and counts nothing, once the world's counts are final (every task was
+        terminal when the final recount counted it, this transition included) or when there is no such
+        world; the call counters of `settle` share the round trip and the rule (the final recount made them
+        exact from the history)."""
         return await self._increments.update(world_id, increments, {"updated_at": utcnow()}, read=True)
 
     async def write_progress(
         self, world_id: str, counters: Mapping[str, int], current_stage: str, stages: Mapping[str, str],
-        task_counts: Mapping[str, Mapping[str, int]] | None = None,
+        task_counts: Mapping[str, Mapping[str, int]] | None = None, *, final: bool = False,
     ) -> None:
         """Raise the counters (and per-type counts) to at least the values given and move each stage forward
-        to `stages[name]`; `current_stage` is set as given."""
+        to `stages[name]`; `current_stage` is set as given. `final` (every task of the world is terminal):
+        set the counts to exactly the values given and mark them final (see `add_progress`)."""
         sets: dict[str, Any] = {"updated_at": utcnow(), "current_stage": current_stage}
         filters: list[Document] = []
         for i, stage in enumerate(STAGES):
@@ -161,7 +169,10 @@ class WorldStatusStore:
         for task_type, values in (task_counts or {}).items():
             highest.update({f"{TASK_COUNTS}.{task_type}.{k}": v for k, v in values.items()})
         update: Document = {"$set": sets}
-        if highest:
+        if final:
+            sets.update(highest)
+            sets[COUNTS_FINAL] = True
+        elif highest:
             update["$max"] = highest
         await self._col.update_one({"_id": world_id}, update, array_filters=filters or None)
 
@@ -219,7 +230,7 @@ class WorldStatusStore:
         res = await self._col.update_one(
             {"_id": world_id, "status": {"$in": list(TERMINAL_WORLD)}},
             {"$set": sets, "$unset": {"failure_reason": "", "budget_exceeded": "", "budget_detail": "",
-                                      "finished_at": ""}})
+                                      "finished_at": "", COUNTS_FINAL: ""}})
         if not res.modified_count and budget_usd is not None:
             await self._col.update_one({"_id": world_id}, {"$set": {"budget_usd": budget_usd}})
         return bool(res.modified_count)
