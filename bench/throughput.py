@@ -54,7 +54,7 @@ def single_command(args: argparse.Namespace, users: int, posts: int, workers: in
     if args.keep_rate_limits:
         argv.append("--keep-rate-limits")
     if args.worker_src:
-        argv += ["--worker-src", args.worker_src]
+        argv += ["--worker-src", args.worker_src_given]
     return shlex.join(argv)
 
 
@@ -266,6 +266,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     args.users = args.users if args.users is not None else users
     args.posts = args.posts if args.posts is not None else posts
     args.env = c.parse_env_items(args.env)
+    args.worker_src_given = args.worker_src  # as typed (relative): what the recorded command shows
     if args.worker_src:
         args.worker_src = str(Path(args.worker_src).resolve())
     if args.repeat < 1 or args.workers < 1:

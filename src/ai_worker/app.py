@@ -243,7 +243,7 @@ async def _start(settings: Settings, stack: contextlib.AsyncExitStack, stop: asy
                                                                 kafka_options))
     reporter = WorkerStatusReporter(WorkerStatusStore(db), worker_id=settings.worker_id, counters=lambda: {
         "in_flight": consumer.in_flight(), "buffered": consumer.buffered(), "processed": consumer.processed,
-        "dead_lettered": consumer.dead_lettered, "breakers": breakers.snapshot()},
+        "taken_idle": consumer.taken_idle, "dead_lettered": consumer.dead_lettered, "breakers": breakers.snapshot()},
         interval_s=settings.worker_status_interval_s)
     health = HealthServer(settings.service_host, settings.service_port, stats=reporter.stats,
                           ready=worker_readiness(settings, db, producer, consumer, stop))

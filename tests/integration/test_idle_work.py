@@ -8,15 +8,26 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+import uuid
 from collections import Counter
 from collections.abc import Callable
+from datetime import timedelta
 from pathlib import Path
+from typing import Any, cast
 
 import pytest
 from harness_path import chaos_stack
+from pymongo import AsyncMongoClient
 
 from ai_worker.client import send_world
+from ai_worker.devstack.stack import StackInfo
+from ai_worker.jobs import build_registry
 from ai_worker.messaging.admin import ensure_topics
+from ai_worker.messaging.events import TaskType, utcnow
+from ai_worker.tasks.engine import Engine
+from ai_worker.tasks.progress import WorldProgress
+from ai_worker.tasks.store import TaskStore
+from ai_worker.worlds.status import WorldStatusStore
 
 pytestmark = pytest.mark.integration
 
@@ -69,3 +80,39 @@ async def test_a_worker_without_partitions_takes_work_waiting_for_another(tmp_pa
         print(f"tasks run by worker: {dict(by_worker)}; {idle} owned no partition")
         assert by_worker[idle] > 0, by_worker  # it ran only idle work
         assert all(t["attempt_count"] == 1 for t in tasks), [t["_id"] for t in tasks if t["attempt_count"] != 1]
+
+
+async def test_idle_work_is_old_pending_work_of_the_pool_and_never_a_retry(stack_info: StackInfo) -> None:
+    """The look-up on the embedded database: pending tasks of the pool's types untouched for the delay,
+    oldest first; not a fresh task (its event is on its way), not a retry (its event comes when it is due),
+    not another pool's, not a running one."""
+    client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(stack_info.mongo_uri, tz_aware=True)
+    try:
+        db = client[f"idle_{uuid.uuid4().hex[:10]}"]
+        store = TaskStore(db)
+        await store.ensure_indexes()
+        now = utcnow()
+
+        async def task(name: str, task_type: str, age_s: float, status: str = "pending", **extra: Any) -> None:
+            at = now - timedelta(seconds=age_s)
+            await db["tasks"].insert_one({"_id": name, "type": task_type, "world_id": "w", "status": status,
+                                          "parameters": {}, "attempt_count": 0, "created_at": at,
+                                          "updated_at": at, **extra})
+
+        avatar, post_image, post = (TaskType.GENERATE_CHARACTER_AVATAR.value, TaskType.GENERATE_POST_IMAGE.value,
+                                    TaskType.GENERATE_POST.value)
+        await task("old-avatar", avatar, 5)
+        await task("older-post-image", post_image, 9)
+        await task("fresh-avatar", avatar, 0.1)
+        await task("due-retry", avatar, 5, not_before=now - timedelta(seconds=1))
+        await task("old-post", post, 9)
+        await task("running-avatar", avatar, 9, status="in_progress")
+        engine = Engine(store=store, progress=WorldProgress(WorldStatusStore(db), build_registry(), tasks=store),
+                        registry=build_registry(), publisher=cast(Any, None), worker_id="w1", lease_s=30)
+        events = await engine.idle_work("image", 10, 0.5)
+        assert [(e.task_id, e.task_type, e.world_id) for e in events] == [
+            ("older-post-image", post_image, "w"), ("old-avatar", avatar, "w")]
+        assert [e.task_id for e in await engine.idle_work("image", 1, 0.5)] == ["older-post-image"]
+        assert [e.task_id for e in await engine.idle_work("llm", 10, 0.5)] == ["old-post"]
+    finally:
+        await client.close()

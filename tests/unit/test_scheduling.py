@@ -200,6 +200,7 @@ async def test_idle_slots_take_work_that_waits_elsewhere_and_back_off_when_there
     from typing import Any, cast
 
     from aiokafka import TopicPartition
+    from prometheus_client import REGISTRY
 
     from ai_worker.messaging import consumer as consumer_module
     from ai_worker.messaging.consumer import TaskConsumer, _Item
@@ -237,9 +238,11 @@ async def test_idle_slots_take_work_that_waits_elsewhere_and_back_off_when_there
     consumer._fill()
     await asyncio.sleep(0.02)
     assert sorted(started) == ["post0", "post1", "post2", "post3"]  # four LLM tasks running (cap 4)
+    taken_before = REGISTRY.get_sample_value("ai_worker_idle_work_taken_total", {"pool": "image"}) or 0.0
     consumer._look_for_idle_work()
     await asyncio.sleep(0.05)
     assert looked == [("image", 3)]  # three idle image slots
+    assert REGISTRY.get_sample_value("ai_worker_idle_work_taken_total", {"pool": "image"}) == taken_before + 3
     assert sorted(started[4:]) == ["img0", "img1", "img2"] and consumer.in_flight() == 7
     consumer._look_for_idle_work()  # the image slots are busy, the llm pool is over its slots: no look-up
     await asyncio.sleep(0.05)

@@ -11,7 +11,7 @@ next, and per-partition offset tracking.
   (`pool_caps`) stays buffered until one of them ends (its task pending, where idle work can take it).
   The event's `world_id` and `task_type` are used as hints for this; the task document stays the truth.
 - Idle work (`find_idle_work`): when a provider pool runs fewer tasks than its slots (`idle_slots`) and
-  nothing of that pool is buffered here, the consumer asks for due tasks of that pool that have waited
+  nothing of that pool is buffered here, the consumer asks for tasks of that pool that have waited
   pending for a while (their events sit in another worker's buffer, or are unread) and runs them through
   the same handler; the task's claim decides who runs it, so the event that arrives later (here or at the
   other worker) is skipped. With several worker processes the partitions split a world's tasks unevenly;
@@ -115,6 +115,7 @@ class TaskConsumer:
         self._idle_next: dict[str, tuple[float, float]] = {}  # pool -> (next look-up at, back-off interval)
         self._looking: asyncio.Task[None] | None = None
         self._taken: set[asyncio.Task[None]] = set()  # idle work running (no message of ours behind it)
+        self._idle_failing = False  # the last look-up failed: the next failures are logged at debug
         self.taken_idle = 0
         self._drain_timeout_s = drain_timeout_s
         self._tracker = OffsetTracker()
@@ -269,8 +270,13 @@ class TaskConsumer:
         assert self._find_idle_work is not None
         try:
             events = await self._find_idle_work(pool, room)
-        except Exception as exc:
-            log.warning("looking for idle work failed", pool=pool, error=str(exc), error_type=type(exc).__name__)
+            if self._idle_failing:
+                log.info("looking for idle work works again", pool=pool)
+            self._idle_failing = False
+        except Exception as exc:  # the database is down: logged once, until a look-up works again
+            (log.debug if self._idle_failing else log.warning)(
+                "looking for idle work failed", pool=pool, error=str(exc), error_type=type(exc).__name__)
+            self._idle_failing = True
             events = []
         finally:
             self._looking = None
@@ -289,6 +295,7 @@ class TaskConsumer:
         self._running_by_world[work.world] += 1
         self._running_by_pool[work.pool] += 1
         self.taken_idle += 1
+        metrics.idle_work_taken(work.pool)
 
         def done(t: asyncio.Task[None]) -> None:
             self._taken.discard(t)

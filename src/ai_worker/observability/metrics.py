@@ -91,6 +91,9 @@ RECONCILER_REPUBLISHED = Counter("ai_worker_reconciler_republished_total",
                                  "Task events republished by the reconciler", ["reason"])
 LEASE_EXPIRIES = Counter("ai_worker_lease_expiries_total",
                          "Running tasks whose lease expired, found by the reconciler")
+IDLE_WORK_TAKEN = Counter("ai_worker_idle_work_taken_total",
+                          "Pending tasks taken from the database by a worker whose provider slots idled, by pool",
+                          ["pool"])
 RefusalKind = Literal["world_money", "world_calls", "daily", "world_not_live"]
 REFUSAL_KINDS: Final[tuple[RefusalKind, ...]] = ("world_money", "world_calls", "daily", "world_not_live")
 BUDGET_REFUSALS = Counter("ai_worker_budget_refusals_total", "Paid calls refused by a budget, by kind", ["kind"])
@@ -206,6 +209,10 @@ def republished(reason: RepublishReason) -> None:
 
 def lease_expired() -> None:
     LEASE_EXPIRIES.inc()
+
+
+def idle_work_taken(pool: str) -> None:
+    IDLE_WORK_TAKEN.labels(pool or "none").inc()
 
 
 def budget_refused(kind: RefusalKind) -> None:

@@ -82,16 +82,15 @@ class Engine:
         return WorkClass(world=event.world_id or event.task_id, priority=policy.priority, pool=policy.pool)
 
     async def idle_work(self, pool: str, limit: int, older_than_s: float) -> list[TaskEvent]:
-        """Events for up to `limit` tasks of provider pool `pool` that are due and have waited pending for
-        `older_than_s` (their own events sit in another worker's buffer, or are unread): what a worker whose
+        """Events for up to `limit` tasks of provider pool `pool` that have waited pending for `older_than_s`
+        (not retries; their own events sit in another worker's buffer, or are unread): what a worker whose
         slots of that pool idle may take (see messaging.consumer). They go through `handle` like any event:
         the claim decides, so a task taken here is skipped where its own event arrives, and the other way
         round."""
         types = [p.task_type for p in self.registry.policies() if p.pool == pool]
         if not types or limit <= 0:
             return []
-        now = utcnow()
-        docs = await self.store.idle_work(types, now, now - timedelta(seconds=older_than_s), limit)
+        docs = await self.store.idle_work(types, utcnow() - timedelta(seconds=older_than_s), limit)
         events = []
         for doc in docs:
             world_id = doc.get("world_id")

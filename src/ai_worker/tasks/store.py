@@ -331,16 +331,18 @@ class TaskStore:
         # A `not_before` that is not a date is left to `malformed_live` (quarantined, not republished).
         return [d async for d in cursor if d.get("not_before") is None or _aware(d.get("not_before")) is not None]
 
-    async def idle_work(self, types: Many[str], now: datetime, older_than: datetime, limit: int) -> list[Document]:
-        """Up to `limit` pending, due tasks of `types` not touched since `older_than`, oldest first: work whose
+    async def idle_work(self, types: Many[str], older_than: datetime, limit: int) -> list[Document]:
+        """Up to `limit` pending tasks of `types` not touched since `older_than`, oldest first: work whose
         event waits in another worker's buffer (or is still unread), for a worker whose slots of that kind
-        idle. Only `_id`, `type` and `world_id` are read. Served by the (status, updated_at) index."""
+        idle. Not the retries (a `not_before`): the worker that scheduled one publishes its event when it is
+        due, and the reconciler when that worker is gone. Only `_id`, `type` and `world_id` are read. Served
+        by the (status, updated_at) index."""
         cursor = self._tasks.find(
             {
                 "status": TaskStatus.PENDING.value,
                 "updated_at": {"$lt": older_than},
                 "type": {"$in": list(types)},
-                "not_before": {"$not": {"$gt": now}},
+                "not_before": None,
             },
             projection={"_id": 1, "type": 1, "world_id": 1},
             sort=[("updated_at", ASCENDING)],
