@@ -8,6 +8,7 @@ store operations themselves are measured instead of explained.)"""
 
 from __future__ import annotations
 
+import statistics
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -120,8 +121,8 @@ async def test_the_reconcilers_scans_do_not_grow_with_the_finished_tasks(stack_i
 
 
 async def _per_task_path(db: Any, tasks: int, worlds: int) -> float:
-    """Seconds per task of the store operations every task makes (claim, a step, completion, the world's
-    progress) on a database already holding `tasks` tasks of `worlds` worlds."""
+    """Seconds per task (the median of 40) of the store operations every task makes (claim, a step,
+    completion, the world's progress) on a database already holding `tasks` tasks of `worlds` worlds."""
     store, status = TaskStore(db), WorldStatusStore(db)
     await store.ensure_indexes()
     await status.ensure_indexes()
@@ -134,14 +135,18 @@ async def _per_task_path(db: Any, tasks: int, worlds: int) -> float:
     for w in range(worlds):
         await status.open(f"w{w}", {"status": "in_progress", "tasks_total": tasks // worlds})
     picked = [f"t{i * (tasks // 40)}" for i in range(40)]
-    begin = time.perf_counter()
+    seconds = []
     for task_id in picked:
+        begin = time.perf_counter()
         task = await store.claim(task_id, "me", 60, ["generate_post"])
         assert task is not None
         assert await store.save_step(task, "me", "ask", {"text": "y" * 100})
         assert await store.complete(task, "me", {"ok": True})
         assert await status.add_progress(task.world_id, {"tasks_completed": 1}) is not None
-    return (time.perf_counter() - begin) / len(picked)
+        seconds.append(time.perf_counter() - begin)
+    # The median: a scan slows every task, a stall of this shared machine's disk (seen: one run's mean
+    # 76 ms against 7.5 ms) only a few.
+    return statistics.median(seconds)
 
 
 async def test_the_per_task_path_costs_the_same_on_a_large_database(stack_info: StackInfo) -> None:
