@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
 import json
@@ -212,6 +213,30 @@ async def test_service_records_failure_with_status_and_cost() -> None:
     assert (first.status, first.status_code, first.error_type) == ("error", 503, "provider_unavailable")
     assert second.status == "ok"
     assert second.cost == pytest.approx(0.039)
+    await service.aclose()
+
+
+async def test_the_image_slot_is_free_while_the_image_is_recorded() -> None:
+    """One slot: the second image is asked for while the first one's history record is still being written."""
+    writing = asyncio.Event()
+    asked = 0
+
+    class SlowRecorder(MemoryRecorder):
+        async def record(self, record: Any) -> None:
+            if not self.records:
+                await writing.wait()
+            await super().record(record)
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        nonlocal asked
+        asked += 1
+        if asked == 2:
+            writing.set()  # the first image is still recording: its slot was given back
+        return httpx.Response(200, json=image_response(make_image(64, 64)))
+
+    service = ImageService.single(provider_with(handler), max_concurrency=1, recorder=SlowRecorder(), retry=NO_RETRY)
+    await asyncio.wait_for(asyncio.gather(*(service.generate("x", 64, 64, CALL) for _ in range(2))), 5.0)
+    assert asked == 2
     await service.aclose()
 
 

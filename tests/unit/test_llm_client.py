@@ -296,6 +296,30 @@ async def test_concurrency_is_bounded_by_semaphore() -> None:
     assert len(recorder.records) == 10
 
 
+async def test_the_slot_is_free_while_the_call_is_recorded() -> None:
+    """One slot: the second request goes out while the first call's history record is still being written
+    (recording needs no provider slot)."""
+    writing = asyncio.Event()
+    sent: list[str] = []
+
+    class SlowRecorder(MemoryRecorder):
+        async def record(self, record: Any) -> None:
+            if not self.records:
+                await writing.wait()
+            await super().record(record)
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        sent.append("request")
+        if len(sent) == 2:
+            writing.set()  # the first call is still recording: its slot was given back
+        return httpx.Response(200, json=completion(json.dumps(GOOD)))
+
+    client = make_client(handler, SlowRecorder(), max_concurrency=1)
+    results = await asyncio.wait_for(
+        asyncio.gather(*(client.structured(PROMPT, PostContent, CALL) for _ in range(2))), 5.0)
+    assert len(results) == 2 and len(sent) == 2
+
+
 def test_strip_fences() -> None:
     assert strip_fences('```json\n{"a": 1}\n```') == '{"a": 1}'
     assert strip_fences('```\n{"a": 1}```') == '{"a": 1}'

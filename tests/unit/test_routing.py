@@ -426,6 +426,37 @@ async def test_a_models_slot_does_not_hold_back_its_fallback() -> None:
         await asyncio.wait_for(blocked, 5.0)
 
 
+@pytest.mark.parametrize(("concurrency", "a_max_concurrent"), [({"llm": 1}, None), (None, 1)])
+async def test_a_slot_goes_to_the_next_request_once_the_provider_has_answered(
+    concurrency: Mapping[ModelKind, int] | None, a_max_concurrent: int | None
+) -> None:
+    """`Route.answered()` gives the slots back while the attempt still records its call; the end of the
+    attempt does not give them back a second time."""
+    router = make_router(board=make_board(FakeClock()), concurrency=concurrency, a_max_concurrent=a_max_concurrent)
+    recording = asyncio.Event()
+
+    async def answered_then_records(route: Route) -> str:
+        route.answered()
+        route.answered()  # once only, however often it is said
+        await recording.wait()
+        return "first"
+
+    first = asyncio.ensure_future(router.attempt(STEP, "llm", set(), answered_then_records))
+    await settle_loop()
+    try:
+        second = await asyncio.wait_for(router.attempt(STEP, "llm", set(), served_by), 5.0)
+        assert second.model.id == A and not first.done()
+    finally:
+        recording.set()
+    assert await asyncio.wait_for(first, 5.0) == "first"
+    gate = Gate()
+    attempts = asyncio.gather(*(router.attempt(STEP, "llm", set(), gate) for _ in range(3)))
+    await settle_loop()
+    gate.open.set()
+    await asyncio.wait_for(attempts, 5.0)
+    assert gate.peak == 1
+
+
 def test_concurrency_below_one_is_rejected() -> None:
     with pytest.raises(ValueError, match="at least 1"):
         make_router(concurrency={"image": 0})

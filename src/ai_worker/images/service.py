@@ -162,10 +162,13 @@ class ImageService:
         )
         started = time.monotonic()
         try:
-            if source == (width, height):
-                image = await provider.generate(prompt, width, height)
-            else:
-                image = await provider.generate(prompt, width, height, source=source)
+            try:
+                if source == (width, height):
+                    image = await provider.generate(prompt, width, height)
+                else:
+                    image = await provider.generate(prompt, width, height, source=source)
+            finally:
+                route.answered()  # the slot goes to the next request; recording it needs none
             price = model.image_price(*source)
             if image.cost == 0 and price:  # no cost from the provider: the registry's price
                 image = dataclasses.replace(image, cost=price)

@@ -479,6 +479,8 @@ class LLMClient:
                 )
             except httpx.HTTPError as exc:
                 raise error_for_transport(exc) from exc
+            finally:
+                route.answered()  # the slot goes to the next request; validating and recording need none
             status_code = response.status_code
             http_error = error_for_status(response)
             if http_error is not None:

@@ -21,10 +21,10 @@ that served it, the model the step asked for, and whether that was a fallback.
 
 from __future__ import annotations
 
-import contextlib
+import functools
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, TypeVar
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, TypeVar
 
 import structlog
 
@@ -88,10 +88,34 @@ def concurrency(settings: Settings) -> ProviderSlots:
     return provider_slots(settings)
 
 
+class _Hold:
+    """The concurrency slots one request holds. Released once: when the provider has answered
+    (`Route.answered`), or at the latest when the attempt ends."""
+
+    def __init__(self) -> None:
+        self._releases: list[Callable[[], None]] = []
+
+    def add(self, release: Callable[[], None]) -> None:
+        self._releases.append(release)
+
+    def release(self) -> None:
+        releases, self._releases = self._releases, []
+        for release in reversed(releases):
+            release()
+
+
 @dataclass(frozen=True)
 class Route:
     model: ResolvedModel
     requested: ResolvedModel
+    hold: _Hold | None = field(default=None, compare=False, repr=False)
+
+    def answered(self) -> None:
+        """The provider has answered (or the request failed): give its concurrency slots to the next
+        request now. Recording the call and settling its cost need no slot, and a slot held through them
+        idles the provider; under load that was ~5 % of every image slot's time."""
+        if self.hold is not None:
+            self.hold.release()
 
     @property
     def fallback(self) -> bool:
@@ -141,14 +165,27 @@ class ModelRouter:
             f"circuit open for every model of step {step} ({', '.join(m.id for m in chain)}); "
             f"next probe in {wait:.1f}s", retry_after_s=wait or None, spends_attempt=False)
 
-    def _semaphore(self, model: ResolvedModel) -> contextlib.AbstractAsyncContextManager[Any]:
+    def _model_semaphore(self, model: ResolvedModel) -> FairSlots | None:
         """The model's own `max_concurrent`, unless an explicit MAX_CONCURRENT_* setting replaces it."""
         if not model.max_concurrent or model.kind in self._explicit:
-            return contextlib.nullcontext()
+            return None
         slots = self._model_slots.get(model.id)
         if slots is None:
             slots = self._model_slots[model.id] = FairSlots(model.max_concurrent, model.id)
-        return slots.slot()
+        return slots
+
+    async def _take_slots(self, model: ResolvedModel) -> _Hold:
+        """This process's slot for the model's kind, then the model's own."""
+        hold = _Hold()
+        try:
+            for slots in (self.slots[model.kind], self._model_semaphore(model)):
+                if slots is not None:
+                    held = await slots.acquire()
+                    hold.add(functools.partial(slots.release, held))
+        except BaseException:
+            hold.release()
+            raise
+        return hold
 
     async def attempt(
         self,
@@ -180,7 +217,8 @@ class ModelRouter:
         breaker = self.breakers.get(model.provider, model.name)
         verdict: bool | None = None
         try:
-            async with self.slots[model.kind].slot(), self._semaphore(model):
+            hold = await self._take_slots(model)
+            try:
                 try:
                     permit = await self.limiter.acquire(model.id, model.limits, tokens)
                 except RateLimited as exc:  # our own limiter refused to wait longer: no request was made
@@ -188,7 +226,7 @@ class ModelRouter:
                     raise
                 actual = 0
                 try:
-                    result = await fn(route)
+                    result = await fn(replace(route, hold=hold))
                     actual = used_tokens(result)
                     verdict = True
                     return result
@@ -199,7 +237,10 @@ class ModelRouter:
                     verdict = False
                     raise
                 finally:
+                    hold.release()
                     await self._settle(permit, model, actual)
+            finally:
+                hold.release()
         finally:
             if verdict is True:
                 breaker.record_success()
