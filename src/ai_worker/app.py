@@ -49,6 +49,7 @@ from ai_worker.providers.history import MongoRecorder
 from ai_worker.providers.ratelimit import MongoRateLimiter
 from ai_worker.providers.routing import ModelRouter, provider_slots
 from ai_worker.retention import apply_retention
+from ai_worker.scheduling import pool_cap
 from ai_worker.tasks.engine import Engine
 from ai_worker.tasks.progress import WorldProgress
 from ai_worker.tasks.reconciler import Reconciler
@@ -225,7 +226,7 @@ async def _start(settings: Settings, stack: contextlib.AsyncExitStack, stop: asy
     consumer = TaskConsumer(
         bootstrap=bootstrap, topic=settings.kafka_topic_tasks, group_id=settings.kafka_group_id,
         handler=engine.handle, producer=producer, max_in_flight=task_slots, window=settings.window(task_slots),
-        classify=engine.work_class, pool_caps={"llm": 2 * slots.llm, "image": 2 * slots.image},
+        classify=engine.work_class, pool_caps={"llm": pool_cap(slots.llm), "image": pool_cap(slots.image)},
         find_idle_work=_idle_work(engine, settings.idle_work_after_s),
         idle_slots={"llm": slots.llm, "image": slots.image},
         drain_timeout_s=settings.shutdown_grace_s, session_timeout_ms=settings.kafka_session_timeout_ms,
@@ -278,3 +279,4 @@ def _ignore_late_sigterm(loop: asyncio.AbstractEventLoop) -> None:
     with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
         loop.remove_signal_handler(signal.SIGTERM)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
+

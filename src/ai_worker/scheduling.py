@@ -9,9 +9,9 @@ class travels to the provider calls it makes through a context variable, so the 
 arguments from the job.
 
 A `WorkClass` also names the provider pool its task mostly waits for (the job's `pool`). The consumer caps
-the running tasks of each pool (twice the pool's slots): without the cap, high-priority LLM work (posts)
-took every task slot while its tasks queued for the 15 LLM slots, and the image slots idled for ~8 s of a
-45 s world (bench/results/makespan.md).
+the running tasks of each pool (`pool_cap`: the pool's slots and a few more): without the cap,
+high-priority LLM work (posts) took every task slot while its tasks queued for the 15 LLM slots, and the
+image slots idled for ~8 s of a 45 s world (bench/results/makespan.md).
 """
 
 from __future__ import annotations
@@ -34,6 +34,16 @@ class WorkClass:
     world: str
     priority: int = 0
     pool: str = ""  # the provider slots its task mostly waits for ("llm", "image"; "" none)
+
+
+def pool_cap(slots: int) -> int:
+    """How many tasks of a provider pool one worker runs at once: its slots, plus a few (a fifth, at least
+    two) already claimed and waiting, so that a slot freed by a call that ended is taken at once while the
+    finished task records, uploads and completes. Not more: a claimed task waits for this worker's slots
+    even when another worker's idle, so twice the slots (the cap until then) left one of two workers with
+    up to ten images queued on its own slots at the end of a world while the other's slots emptied
+    (bench/results/makespan.md)."""
+    return slots + max(2, slots // 5)
 
 
 UNCLASSIFIED = WorkClass(world="", priority=0)

@@ -7,7 +7,7 @@ from collections import Counter
 
 import pytest
 
-from ai_worker.scheduling import CURRENT, FairQueue, FairSlots, WorkClass, working_as
+from ai_worker.scheduling import CURRENT, FairQueue, FairSlots, WorkClass, pool_cap, working_as
 
 
 async def _start(slots: FairSlots, work: WorkClass, order: list[str], name: str, hold: asyncio.Event) -> None:
@@ -182,6 +182,14 @@ async def test_the_consumer_caps_the_running_tasks_of_each_provider_pool() -> No
             break
     assert len(started) == 15 and consumer.in_flight() == 0
     await consumer.stop()
+
+
+@pytest.mark.parametrize(("slots", "cap"), [(1, 3), (4, 6), (10, 12), (15, 18), (40, 48)])
+def test_a_pool_runs_its_slots_and_a_few_tasks_more(slots: int, cap: int) -> None:
+    """A few claimed tasks wait for each pool's slots (one replaces a finished call at once), never twice the
+    slots: a task claimed here waits for this worker's slots even while another worker's idle."""
+    assert pool_cap(slots) == cap
+    assert pool_cap(slots) < 2 * slots or slots < 3
 
 
 class _RecordingProducer:
