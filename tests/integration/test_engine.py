@@ -406,6 +406,35 @@ async def test_task_not_yet_due_is_rescheduled_for_when_it_is(db: Any) -> None:
     engine.close()
 
 
+class BatchingPublisher(Recorder):
+    """Acknowledges a task event only once `expected` of them are in flight, the way a producer acknowledges
+    a batch: an engine that waits for each acknowledgement before sending the next never gets one."""
+
+    def __init__(self, expected: int) -> None:
+        super().__init__()
+        self.expected = expected
+        self.all_sent = asyncio.Event()
+
+    async def publish_task(self, task_id: str, task_type: str, world_id: str) -> None:
+        self.tasks.append(task_id)
+        if len(self.tasks) >= self.expected:
+            self.all_sent.set()
+        await asyncio.wait_for(self.all_sent.wait(), 2.0)
+
+
+async def test_the_events_of_a_tasks_children_are_sent_together(db: Any) -> None:
+    """A batch's last child (often the one that continues its chain) is not held back behind one
+    acknowledged round trip per earlier child."""
+    publisher = BatchingPublisher(expected=5)
+    engine = make_engine(db, "w1", publisher)
+    task_id = await new_task(db)
+    Script.children = 5
+    with capture_logs() as logs:
+        await process(engine, task_id)
+    assert sorted(publisher.tasks) == sorted(child_task_id(task_id, f"child-{i}") for i in range(5))
+    assert not [e for e in logs if e["event"].startswith("publish failed")]
+
+
 class FailingPublisher(Recorder):
     """The broker is down: every publish fails."""
 

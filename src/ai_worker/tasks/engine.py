@@ -245,8 +245,9 @@ class Engine:
         log.info("task completed", children=len(docs), children_new=sum(inserted.values()))
         attempt_outcome("completed")
         await self._record(task.world_id, inserted=inserted, completed=task.type)
-        for doc in docs:
-            await self._publish(doc["_id"], doc["type"], doc["world_id"])
+        # All at once: the producer sends them in one batch, rather than one acknowledged round trip each
+        # before the next (a batch's last child, often the one that continues its chain, waited ~0.1 s).
+        await asyncio.gather(*(self._publish(doc["_id"], doc["type"], doc["world_id"]) for doc in docs))
 
     async def _on_failure(self, task: TaskDoc, exc: BaseException, policy: JobPolicy) -> None:
         max_attempts = policy.max_attempts
