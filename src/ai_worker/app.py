@@ -279,4 +279,3 @@ def _ignore_late_sigterm(loop: asyncio.AbstractEventLoop) -> None:
     with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
         loop.remove_signal_handler(signal.SIGTERM)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
-

@@ -113,7 +113,7 @@ class Route:
     def answered(self) -> None:
         """The provider has answered (or the request failed): give its concurrency slots to the next
         request now. Recording the call and settling its cost need no slot, and a slot held through them
-        idles the provider; under load that was ~5 % of every image slot's time."""
+        idles the provider for their database round trips."""
         if self.hold is not None:
             self.hold.release()
 
